@@ -1,0 +1,36 @@
+"""`load_model`: config.json + safetensors directory -> DeepseekForCausalLM, without a second copy in memory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from r1forge.config import ModelConfig
+from r1forge.model import DeepseekForCausalLM, keep_router_fp32
+
+
+def load_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               with_mtp: bool = False, strict: bool = True) -> DeepseekForCausalLM:
+    """Load a Hugging Face-layout DeepSeek-V2/V3/R1 checkpoint (bf16, fp32 or FP8 block-quantised).
+
+    The model is built on the meta device and materialised once on `device`, then each tensor is streamed from
+    its shard straight into place, so peak memory is about the model's size.
+    """
+    from r1forge.checkpoint import load_checkpoint
+
+    directory = Path(directory)
+    if not directory.exists():
+        raise FileNotFoundError(f"model directory not found: {directory}")
+    config = ModelConfig.from_pretrained(directory) if directory.is_dir() else ModelConfig.from_pretrained(directory.parent)
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(config, with_mtp=with_mtp)
+    model.to(dtype=dtype)
+    keep_router_fp32(model)
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    load_checkpoint(model, directory, strict=strict)
+    model.eval()
+    return model

@@ -1,0 +1,95 @@
+"""Per-step metadata for attention over the paged latent cache.
+
+The engine flattens the step's new tokens of all running sequences into one [N] batch (vLLM style) and
+describes, once per step, where each token's latent goes (`slot_mapping`) and which cached slots each
+sequence reads (`kv_slots`, from its `block_table`). Every MLA layer reuses these index tensors, so the
+layers do tensor ops only: no Python loop over sequences, no host sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Where the new tokens of one engine step sit in the paged latent cache.
+
+    Cache layout per layer: [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]; a token at position p of a
+    sequence lives in block `block_table[p // block_size]` at offset `p % block_size`, flat slot
+    `block * block_size + offset`.
+    """
+
+    kv_caches: list[torch.Tensor]  # per layer [num_blocks, block_size, C+R]
+    slot_mapping: torch.Tensor  # [N] flat slot of each new token (written before attention)
+    query_index: torch.Tensor  # [B, Q] index into the N new tokens (padded entries point at token 0)
+    query_valid: torch.Tensor  # [B, Q] bool, False on padding
+    kv_slots: torch.Tensor  # [B, S] flat slots of every token each sequence attends to (cached + new), padded with 0
+    attn_mask: torch.Tensor  # [B, Q, S] bool, True where query q of sequence b may attend slot s (causal + valid)
+    absorbed: bool = True  # weight absorption (latent-space attention) vs expanding K/V through kv_b_proj
+
+    @property
+    def num_seqs(self) -> int:
+        return self.query_index.shape[0]
+
+    @classmethod
+    def build(
+        cls,
+        kv_caches: list[torch.Tensor],
+        block_tables: list[list[int]],
+        context_lens: list[int],
+        query_lens: list[int],
+        block_size: int,
+        device: torch.device | str,
+        absorbed: bool = True,
+    ) -> "AttentionMetadata":
+        """Build the index tensors for sequences whose last `query_lens[b]` of `context_lens[b]` tokens are new.
+
+        Args:
+            block_tables: per sequence, the pool blocks holding its tokens in order.
+            context_lens: per sequence, tokens in the cache after this step (cached prefix + new).
+            query_lens: per sequence, new tokens this step (the flattened batch is their concatenation).
+        """
+        num_seqs = len(context_lens)
+        if not (len(block_tables) == len(query_lens) == num_seqs):
+            raise ValueError("block_tables, context_lens and query_lens must have one entry per sequence")
+        max_q, max_s = max(query_lens), max(context_lens)
+        # Python-side construction once per step; the tensors are then shared by every layer.
+        slot_mapping: list[int] = []
+        query_index = torch.zeros(num_seqs, max_q, dtype=torch.long)
+        query_valid = torch.zeros(num_seqs, max_q, dtype=torch.bool)
+        kv_slots = torch.zeros(num_seqs, max_s, dtype=torch.long)
+        context = torch.tensor(context_lens)
+        qlens = torch.tensor(query_lens)
+        start = 0
+        for b, (table, ctx, q) in enumerate(zip(block_tables, context_lens, query_lens)):
+            if q > ctx:
+                raise ValueError(f"sequence {b}: {q} new tokens but only {ctx} in context")
+            if len(table) * block_size < ctx:
+                raise ValueError(f"sequence {b}: block table of {len(table)} blocks cannot hold {ctx} tokens")
+            blocks = torch.tensor(table, dtype=torch.long)
+            pos = torch.arange(ctx)
+            slots = blocks[pos // block_size] * block_size + pos % block_size
+            kv_slots[b, :ctx] = slots
+            slot_mapping.extend(slots[ctx - q:].tolist())
+            query_index[b, :q] = torch.arange(start, start + q)
+            query_valid[b, :q] = True
+            start += q
+        # Query i of sequence b sits at position ctx_b - q_b + i and sees slots 0..that position.
+        q_pos = (context - qlens)[:, None] + torch.arange(max_q)[None, :]  # [B, Q]
+        s_pos = torch.arange(max_s)[None, None, :]  # [1, 1, S]
+        attn_mask = (s_pos <= q_pos[:, :, None]) & query_valid[:, :, None]  # [B, Q, S]
+        # Padded query rows attend one real slot so softmax stays finite; their output is discarded.
+        attn_mask[:, :, 0] |= ~query_valid
+        to = dict(device=device)
+        return cls(
+            kv_caches=kv_caches,
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, **to),
+            query_index=query_index.to(**to),
+            query_valid=query_valid.to(**to),
+            kv_slots=kv_slots.to(**to),
+            attn_mask=attn_mask.to(**to),
+            absorbed=absorbed,
+        )

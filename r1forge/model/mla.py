@@ -1,0 +1,149 @@
+"""Multi-head Latent Attention (DeepSeek-V2 paper section 2.1; SPEC section 2).
+
+Keys and values are compressed into one latent c_kv (kv_lora_rank = C) per token plus one rope key k_rope (R)
+shared by all heads; only those C + R numbers are cached. Two paths compute the same function, chosen by
+`attn_impl` (or the engine's metadata):
+
+- "naive": expand the latent through kv_b_proj into per-head k_nope / v, then ordinary attention.
+- "absorbed": fold W_UK into the query and W_UV after attention, so attention runs in latent space as
+  multi-query attention over 576-wide keys and 512-wide values (V3 shapes); no per-head K/V ever exists.
+
+Letters: B batch, T/Q query tokens, S key tokens, N flattened tokens, H heads, D model width,
+C kv_lora_rank, R rope dim, Dn qk_nope_head_dim, Dv v_head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1forge.config import ModelConfig
+from r1forge.model.attention_metadata import AttentionMetadata
+from r1forge.model.norm import RMSNorm
+from r1forge.model.rope import apply_rope
+
+ATTN_IMPLS = ("naive", "absorbed")
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = H = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = C = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = R = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.qk_head_dim = config.qk_head_dim
+        self.softmax_scale = config.softmax_scale
+        self.rope_interleave = config.rope_interleave
+        self.attn_impl = "naive"
+        d, bias = config.hidden_size, config.attention_bias
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, H * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, C + R, bias=bias)
+        self.kv_a_layernorm = RMSNorm(C, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(C, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_head_dim, d, bias=bias)
+
+    # ------------------------------------------------------------------ projections
+    def project_query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[q_nope ; q_rope] = W_UQ RMSNorm(W_DQ x) per head; q_rope rotated. x [..., D] -> [..., H, Dn], [..., H, R]."""
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.unflatten(-1, (self.num_heads, self.qk_head_dim))  # [..., H, Dn+R]
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_rope = apply_rope(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2), self.rope_interleave)
+        return q_nope, q_rope
+
+    def project_latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """[c_kv ; k_rope] = W_DKV x; c_kv normalised, k_rope rotated. x [..., D] -> latent [..., C+R] (what is cached)."""
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_rope = apply_rope(k_rope, cos, sin, self.rope_interleave)
+        return torch.cat([c_kv, k_rope], dim=-1)
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, Dn, C] and W_UV [H, Dv, C]: kv_b_proj split per head."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+
+    # ------------------------------------------------------------------ attention kernels (torch reference)
+    def naive_attention(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """q_nope [B,Q,H,Dn], q_rope [B,Q,H,R], latent [B,S,C+R], mask [B,Q,S] or None (causal) -> [B,Q,H,Dv]."""
+        B, S = latent.shape[:2]
+        c_kv, k_rope = latent.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(B, S, self.num_heads, -1)  # [B,S,H,Dn+Dv]
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope[:, :, None, :].expand(-1, -1, self.num_heads, -1)], dim=-1)  # [B,S,H,Dn+R]
+        q = torch.cat([q_nope, q_rope], dim=-1)  # [B,Q,H,Dn+R]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=None if mask is None else mask[:, None],
+            is_causal=mask is None, scale=self.softmax_scale,
+        )  # [B,H,Q,Dv]
+        return out.transpose(1, 2)
+
+    def absorbed_attention(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Same contract as naive_attention, computed in latent space (SPEC section 2, weight absorption).
+
+        score_h = (W_UK_h^T q_nope_h) . c_kv + q_rope_h . k_rope ; out_h = W_UV_h (sum softmax(score_h) c_kv)
+        All heads share one key/value, so heads fold into the query axis: one MQA over [C+R]-wide keys.
+        """
+        B, Q, H, _ = q_nope.shape
+        S = latent.shape[1]
+        w_uk, w_uv = self.absorbed_weights()
+        q_latent = torch.einsum("bqhd,hdc->bqhc", q_nope, w_uk)  # [B,Q,H,C]
+        q = torch.cat([q_latent, q_rope], dim=-1).reshape(B, 1, Q * H, -1)  # [B,1,Q*H,C+R]
+        if mask is None:
+            mask = torch.ones(Q, S, dtype=torch.bool, device=q.device).tril(S - Q)[None].expand(B, -1, -1)
+        mask = mask.repeat_interleave(H, dim=1)[:, None]  # [B,1,Q*H,S]
+        kv = latent[:, None]  # [B,1,S,C+R]
+        o = F.scaled_dot_product_attention(
+            q, kv, kv[..., : self.kv_lora_rank], attn_mask=mask, scale=self.softmax_scale
+        )  # [B,1,Q*H,C]
+        o = o.view(B, Q, H, self.kv_lora_rank)
+        return torch.einsum("bqhc,hvc->bqhv", o, w_uv)  # [B,Q,H,Dv]
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        metadata: AttentionMetadata | None = None,
+    ) -> torch.Tensor:
+        """x [B,T,D] (dense causal path) or [N,D] with `metadata` (paged-cache path) -> same shape."""
+        if metadata is not None:
+            return self._forward_paged(x, cos, sin, metadata)
+        q_nope, q_rope = self.project_query(x, cos, sin)  # [B,T,H,Dn], [B,T,H,R]
+        latent = self.project_latent(x, cos, sin)  # [B,T,C+R]
+        attend = self.absorbed_attention if self.attn_impl == "absorbed" else self.naive_attention
+        out = attend(q_nope, q_rope, latent, None)  # [B,T,H,Dv]
+        return self.o_proj(out.flatten(-2))
+
+    def _forward_paged(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        """Write the new tokens' latents into the paged cache, then attend over each sequence's slots."""
+        q_nope, q_rope = self.project_query(x, cos, sin)  # [N,H,Dn], [N,H,R]
+        latent = self.project_latent(x, cos, sin)  # [N,C+R]
+        cache = metadata.kv_caches[self.layer_idx].view(-1, self.kv_lora_rank + self.qk_rope_head_dim)
+        cache.index_copy_(0, metadata.slot_mapping, latent.to(cache.dtype))
+        kv = cache[metadata.kv_slots].to(x.dtype)  # [B,S,C+R]
+        q_nope, q_rope = q_nope[metadata.query_index], q_rope[metadata.query_index]  # [B,Q,H,*]
+        attend = self.absorbed_attention if metadata.absorbed else self.naive_attention
+        out = attend(q_nope, q_rope, kv, metadata.attn_mask)  # [B,Q,H,Dv]
+        return self.o_proj(out[metadata.query_valid].flatten(-2))  # [N,D]

@@ -1,0 +1,170 @@
+"""DeepSeekMoE (SPEC section 3): fine-grained routed experts, shared experts, group-limited top-k routing.
+
+y = sum_shared E_s(x) + sum_{i in topk} g_i E_i(x), g already scaled by routed_scaling_factor.
+
+Routing and expert compute are separate seams: `Router` decides (ids, weights); a dispatcher runs the chosen
+experts. `SortedDispatch` sorts token copies by expert and runs each expert over one contiguous slice; an
+expert-parallel all-to-all dispatcher or a grouped-GEMM kernel implements the same `__call__` and replaces it.
+Letters: T tokens, D width, E experts, K top-k, F expert FFN width.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1forge.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU FFN: down(silu(gate(x)) * up(x)). Used for dense layers, each expert and the shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Scores experts and picks top-k per token.
+
+    `weight` [E, D] is the checkpoint's `mlp.gate.weight`; `e_score_correction_bias` [E] is a float32 buffer
+    (not a parameter: the auxiliary-loss-free balancer moves it, the optimizer never does). The bias only
+    steers *selection*; gate values come from the unbiased scores.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_experts = E = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group or 1
+        self.topk_group = config.topk_group or 1
+        self.scoring_func = config.scoring_func
+        self.topk_method = config.topk_method
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(E, config.hidden_size, dtype=torch.float32))
+        bias = torch.zeros(E, dtype=torch.float32) if self.topk_method == "noaux_tc" else None
+        self.register_buffer("e_score_correction_bias", bias, persistent=bias is not None)
+
+    def scores(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Router scores s [T, E] in float32."""
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        return logits_TE.sigmoid() if self.scoring_func == "sigmoid" else logits_TE.softmax(dim=-1)
+
+    def _group_mask(self, choice_TE: torch.Tensor, group_score: str) -> torch.Tensor:
+        """Keep the topk_group best groups per token; mask the others' experts to -inf."""
+        T = choice_TE.shape[0]
+        grouped = choice_TE.view(T, self.n_group, -1)  # [T, G, E/G]
+        if group_score == "top2":
+            g_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)  # [T, G]
+        else:
+            g_scores = grouped.amax(dim=-1)
+        keep = torch.zeros_like(g_scores, dtype=torch.bool)
+        keep.scatter_(1, g_scores.topk(self.topk_group, dim=-1).indices, True)
+        return choice_TE.masked_fill(~keep.repeat_interleave(self.num_experts // self.n_group, dim=1), float("-inf"))
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (topk_ids [T, K] long, topk_weights [T, K] float32, scores [T, E] float32)."""
+        s_TE = self.scores(x_TD)
+        if self.topk_method == "noaux_tc":
+            choice_TE = s_TE + self.e_score_correction_bias
+            if self.n_group > 1:
+                choice_TE = self._group_mask(choice_TE, "top2")
+        elif self.topk_method == "group_limited_greedy" and self.n_group > 1:
+            choice_TE = self._group_mask(s_TE, "max")
+        else:
+            choice_TE = s_TE
+        topk_ids_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        topk_weights_TK = s_TE.gather(1, topk_ids_TK)
+        if self.norm_topk_prob:
+            topk_weights_TK = topk_weights_TK / (topk_weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return topk_ids_TK, topk_weights_TK * self.routed_scaling_factor, s_TE
+
+
+class ExpertDispatch(Protocol):
+    """Runs the chosen experts and combines their outputs with the gate weights."""
+
+    def __call__(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                 experts: nn.ModuleList) -> torch.Tensor: ...
+
+
+class SortedDispatch:
+    """Sort the T*K token copies by expert; each expert runs once over its contiguous slice.
+
+    One host sync per layer (the per-expert counts) and no compute for unchosen experts.
+    """
+
+    def __call__(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                 experts: nn.ModuleList) -> torch.Tensor:
+        T, K = topk_ids_TK.shape
+        flat_ids = topk_ids_TK.reshape(-1)  # [T*K]
+        order = flat_ids.argsort(stable=True)  # copies grouped by expert
+        token_of_copy = order // K  # which token each sorted copy came from
+        counts = torch.bincount(flat_ids, minlength=len(experts)).tolist()
+        x_sorted = x_TD[token_of_copy]  # [T*K, D]
+        out_sorted = torch.empty_like(x_sorted)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                out_sorted[start : start + n] = experts[e](x_sorted[start : start + n])
+                start += n
+        weights = topk_weights_TK.reshape(-1)[order].unsqueeze(-1)  # [T*K, 1] float32
+        y_TD = torch.zeros_like(x_TD, dtype=torch.float32)
+        y_TD.index_add_(0, token_of_copy, out_sorted.float() * weights)
+        return y_TD.to(x_TD.dtype)
+
+
+class DeepseekMoE(nn.Module):
+    """Shared experts + routed experts. Records per-expert token counts for load balancing and stats."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.gate = Router(config)
+        self.experts = nn.ModuleList(
+            MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.n_routed_experts)
+        )
+        n_shared = config.n_shared_experts or 0
+        self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * n_shared) if n_shared else None
+        self.dispatch: ExpertDispatch = SortedDispatch()
+        self.aux_loss_alpha = 0.0  # sequence-wise balance loss weight (SPEC section 3); 0 disables it
+        self.record_load = True
+        self.tokens_per_expert: torch.Tensor | None = None  # [E] of the last forward, for the bias update
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] -> [..., D]. With a leading batch axis ([B, T, D]) the aux loss is sequence-wise."""
+        shape = x.shape
+        x_TD = x.reshape(-1, shape[-1])
+        topk_ids_TK, topk_weights_TK, s_TE = self.gate(x_TD)
+        y = self.dispatch(x_TD, topk_ids_TK, topk_weights_TK, self.experts).view(shape)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        if self.record_load:
+            self.tokens_per_expert = torch.bincount(topk_ids_TK.reshape(-1), minlength=self.gate.num_experts).detach()
+        if self.training and self.aux_loss_alpha > 0:
+            self.aux_loss = self._sequence_aux_loss(topk_ids_TK, s_TE, shape)
+        else:
+            self.aux_loss = None
+        return y
+
+    def _sequence_aux_loss(self, topk_ids_TK: torch.Tensor, s_TE: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """alpha * sum_i f_i P_i per sequence, averaged (DeepSeek-V3 eq. 17-20).
+
+        f_i = E / (K T) * (tokens of the sequence routed to i); P_i = mean over the sequence of s_i / sum_j s_j.
+        """
+        E, K = self.gate.num_experts, self.gate.top_k
+        B = shape[0] if len(shape) == 3 else 1
+        T = topk_ids_TK.shape[0] // B
+        chosen = torch.zeros(B * T, E, device=s_TE.device).scatter_(1, topk_ids_TK, 1.0).view(B, T, E)
+        f_BE = chosen.sum(1) * (E / (K * T))
+        p_BE = (s_TE / s_TE.sum(-1, keepdim=True)).view(B, T, E).mean(1)
+        return self.aux_loss_alpha * (f_BE * p_BE).sum(-1).mean()
