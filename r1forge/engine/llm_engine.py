@@ -1,0 +1,260 @@
+"""LLMEngine: requests in, one batched step at a time, stream deltas out.
+
+The engine is synchronous and single-threaded; `LLM` drives it for offline use and `AsyncLLM` runs it on
+a background thread for the server. Flow per step: scheduler -> model runner (one forward over every
+scheduled sequence) -> forks for n > 1 -> sampler -> stop checks -> deltas.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from r1forge.engine.block_manager import BlockManager
+from r1forge.engine.detokenizer import Detokenizer
+from r1forge.engine.model_runner import ModelRunner
+from r1forge.engine.outputs import CompletionOutput, RequestOutput, StreamDelta
+from r1forge.engine.sampler import sample
+from r1forge.engine.sampling_params import SamplingParams
+from r1forge.engine.scheduler import Scheduler
+from r1forge.engine.sequence import Sequence
+from r1forge.model import DeepseekForCausalLM
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+    emitted: dict[int, int] = field(default_factory=dict)  # completion index -> chars of text already streamed
+
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, model: DeepseekForCausalLM, tokenizer: Any | None, num_blocks: int, block_size: int = 64,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 enable_prefix_caching: bool = True, absorbed: bool = True) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_model_len = min(max_model_len or model.config.max_position_embeddings,
+                                 model.config.max_position_embeddings)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks, block_size, absorbed=absorbed)
+        self.requests: dict[str, Request] = {}
+        self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        if self.eos_token_id is None:
+            self.eos_token_id = model.config.eos_token_id
+        self._ids = itertools.count()
+        self.num_generated_tokens = 0
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Validate and queue a request. Raises ValueError naming the problem; the engine is left untouched."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is a string but the engine has no tokenizer: pass token ids or a tokenizer")
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, list(prompt)
+            if not all(isinstance(t, int) for t in token_ids):
+                raise ValueError("prompt token ids must be integers")
+        if not token_ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        vocab = self.model.config.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {min(token_ids)}..{max(token_ids)}")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(token_ids)} tokens, but the model's context is {self.max_model_len}: "
+                             f"no room to generate")
+        pool_tokens = self.block_manager.num_blocks * self.block_manager.block_size
+        if len(token_ids) + 1 > pool_tokens:
+            raise ValueError(f"prompt of {len(token_ids)} tokens does not fit the KV-cache pool ({pool_tokens} tokens)")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        req = Request(request_id, text, token_ids, params)
+        first = Sequence(request_id, 0, token_ids, params, time.monotonic(), self._generator(params, 0))
+        first.pending_forks = params.n - 1
+        self._attach(first, req)
+        self.requests[request_id] = req
+        self.scheduler.add(first)
+        return request_id
+
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+        if params.seed is None:
+            return None
+        g = torch.Generator(device=self.runner.device)
+        g.manual_seed(params.seed + index)
+        return g
+
+    def _attach(self, seq: Sequence, req: Request) -> None:
+        seq.eos_token_id = self.eos_token_id
+        if self.tokenizer is not None:
+            seq.detokenizer = Detokenizer(self.tokenizer, req.prompt_token_ids, req.params.skip_special_tokens)
+        req.seqs.append(seq)
+        req.emitted[seq.index] = 0
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request: its sequences finish with reason "abort" and their blocks return to the pool now."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> list[StreamDelta]:
+        """One scheduling round and one forward. Returns a delta for every completion that progressed."""
+        batch = self.scheduler.schedule()
+        deltas: list[StreamDelta] = []
+        if not batch.seqs:
+            if self.scheduler.waiting and not self.scheduler.running:
+                # The head of the queue cannot fit even in an empty pool: end it rather than spin forever.
+                seq = self.scheduler.waiting[0]
+                deltas.append(self._finish(seq, "length", None, []))
+            return deltas
+        seqs, logits = self.runner.execute(batch)
+        for seq in batch.seqs:
+            self.block_manager.register_computed(seq)
+        if not seqs:
+            return deltas
+        rows, group = [], []
+        for i, seq in enumerate(seqs):
+            rows.append(i)
+            group.append(seq)
+            if seq.pending_forks:
+                req = self.requests[seq.request_id]
+                for k in range(1, seq.pending_forks + 1):
+                    child = seq.fork(k, self._generator(seq.params, k))
+                    self.block_manager.fork(seq, child)
+                    self._attach(child, req)
+                    self.scheduler.running.append(child)
+                    rows.append(i)
+                    group.append(child)
+                seq.pending_forks = 0
+        result = sample(logits[rows], group)
+        now = time.monotonic()
+        for j, seq in enumerate(group):
+            deltas.append(self._append(seq, result.token_ids[j], result.logprobs[j], result.top_logprobs[j], now))
+        return deltas
+
+    def _append(self, seq: Sequence, token: int, logprob: float, top: dict[int, float] | None,
+                now: float) -> StreamDelta:
+        p = seq.params
+        seq.token_ids.append(token)
+        self.num_generated_tokens += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        if p.logprobs is not None:
+            seq.logprobs.append(logprob)
+            if p.logprobs:
+                seq.top_logprobs.append(top or {})
+        if seq.detokenizer is not None:
+            seq.output_text += seq.detokenizer.add(token)
+        reason, stop_reason = None, None
+        if token == seq.eos_token_id and not p.ignore_eos:
+            reason = "stop"
+        elif token in p.stop_token_ids:
+            reason, stop_reason = "stop", token
+        elif p.stop and seq.detokenizer is not None:
+            stop_reason = self._cut_at_stop(seq)
+            reason = "stop" if stop_reason is not None else None
+        if reason is None and (seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len):
+            reason = "length"
+        return self._finish(seq, reason, stop_reason, [token]) if reason else self._delta(seq, [token])
+
+    def _cut_at_stop(self, seq: Sequence) -> str | None:
+        """Find a stop string in the text's tail; cut the text before it (or after, if kept)."""
+        longest = max(len(s) for s in seq.params.stop)
+        search_from = max(0, self.requests[seq.request_id].emitted[seq.index] - longest)
+        best = None
+        for stop in seq.params.stop:
+            at = seq.output_text.find(stop, search_from)
+            if at != -1 and (best is None or at < best[0]):
+                best = (at, stop)
+        if best is None:
+            return None
+        at, stop = best
+        seq.output_text = seq.output_text[: at + (len(stop) if seq.params.include_stop_str_in_output else 0)]
+        return stop
+
+    def _delta(self, seq: Sequence, new_tokens: list[int]) -> StreamDelta:
+        req = self.requests[seq.request_id]
+        text = seq.output_text
+        if not seq.is_finished and seq.params.stop:
+            # Hold back text that could still turn out to be the start of a stop string.
+            text = text[: max(req.emitted[seq.index], len(text) - (max(len(s) for s in seq.params.stop) - 1))]
+        new_text = text[req.emitted[seq.index] :]
+        req.emitted[seq.index] += len(new_text)
+        n = len(new_tokens)
+        return StreamDelta(
+            request_id=seq.request_id, index=seq.index, token_ids=new_tokens, text=new_text,
+            logprobs=seq.logprobs[-n:] if seq.params.logprobs is not None and n else [],
+            top_logprobs=seq.top_logprobs[-n:] if seq.params.logprobs and n else [],
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+            num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
+        )
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None, new_tokens: list[int]) -> StreamDelta:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq)
+        if seq.pending_forks:
+            # A request ended before its prefill finished (cache exhausted): its siblings end the same way.
+            req = self.requests[seq.request_id]
+            for k in range(1, seq.pending_forks + 1):
+                child = seq.fork(k, None)
+                child.finish_reason = reason
+                child.status = seq.status
+                self._attach(child, req)
+            seq.pending_forks = 0
+        return self._delta(seq, new_tokens)
+
+    # ------------------------------------------------------------------ results
+    def request_output(self, request_id: str) -> RequestOutput:
+        req = self.requests[request_id]
+        outs = []
+        for seq in sorted(req.seqs, key=lambda s: s.index):
+            lp = seq.params.logprobs is not None
+            outs.append(CompletionOutput(
+                index=seq.index, token_ids=seq.output_token_ids, text=seq.output_text,
+                logprobs=list(seq.logprobs) if lp else None,
+                top_logprobs=list(seq.top_logprobs) if lp and seq.params.logprobs else None,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+            ))
+        cached = req.seqs[0].num_cached_prompt_tokens if req.seqs else 0
+        return RequestOutput(request_id, req.prompt, req.prompt_token_ids, outs, req.finished, cached)
+
+    def pop_finished(self, request_id: str) -> RequestOutput:
+        out = self.request_output(request_id)
+        del self.requests[request_id]
+        return out
+
+    def stats(self) -> dict[str, float]:
+        bm = self.block_manager
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "cache_blocks_used": bm.num_used_blocks,
+            "cache_blocks_total": bm.num_blocks,
+            "cache_usage": bm.num_used_blocks / bm.num_blocks,
+            "prefix_hit_tokens": bm.prefix_hit_tokens,
+            "prefill_tokens": self.runner.num_prefill_tokens,
+            "forward_tokens": self.runner.num_forward_tokens,
+            "generated_tokens": self.num_generated_tokens,
+            "preemptions": self.scheduler.num_preemptions,
+        }

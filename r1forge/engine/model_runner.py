@@ -1,0 +1,78 @@
+"""Owns the model and the paged latent cache; turns a scheduled batch into one forward and a sample.
+
+The pool is one tensor [num_layers, num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]: exactly the
+latent per token per layer and nothing else (the layout FlashMLA-style kernels read, block-major per layer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from r1forge.engine.scheduler import ScheduledBatch
+from r1forge.engine.sequence import Sequence
+from r1forge.model import AttentionMetadata, DeepseekForCausalLM
+
+
+def latent_width(model: DeepseekForCausalLM) -> int:
+    return model.config.kv_lora_rank + model.config.qk_rope_head_dim
+
+
+def cache_bytes_per_token(model: DeepseekForCausalLM, dtype: torch.dtype) -> int:
+    """(kv_lora_rank + qk_rope_head_dim) * num_hidden_layers * element size."""
+    return latent_width(model) * model.config.num_hidden_layers * torch.empty((), dtype=dtype).element_size()
+
+
+class ModelRunner:
+    def __init__(self, model: DeepseekForCausalLM, num_blocks: int, block_size: int,
+                 cache_dtype: torch.dtype | None = None, absorbed: bool = True) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.absorbed = absorbed
+        param = next(model.parameters())
+        self.device = param.device
+        self.cache_dtype = cache_dtype or model.model.embed_tokens.weight.dtype
+        L = model.config.num_hidden_layers
+        self.kv_cache = torch.zeros(L, num_blocks, block_size, latent_width(model), dtype=self.cache_dtype,
+                                    device=self.device)
+        self.kv_caches = list(self.kv_cache.unbind(0))  # per-layer views, no copy
+        self.num_forward_tokens = 0  # tokens pushed through the model, for prefix-sharing tests and stats
+        self.num_prefill_tokens = 0  # of those, tokens that were not a decode step
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Run the batch's new tokens through the model.
+
+        Returns the sequences whose every token is now computed (they get a next token) and their last-position
+        logits [len, vocab] in float32.
+        """
+        for src, dst in batch.copies:
+            self.kv_cache[:, dst].copy_(self.kv_cache[:, src])
+        input_ids, positions, context_lens = [], [], []
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            start = seq.num_computed_tokens
+            input_ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            context_lens.append(start + n)
+            if n > 1 or seq.num_output_tokens == 0:
+                self.num_prefill_tokens += n
+        self.num_forward_tokens += len(input_ids)
+        metadata = AttentionMetadata.build(
+            self.kv_caches, [s.block_table for s in batch.seqs], context_lens, batch.num_tokens,
+            self.block_size, self.device, absorbed=self.absorbed,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model.model(ids, pos, metadata)  # [N, D]
+        # Only sequences whose every token is now computed produce a next token.
+        last_rows, sampling = [], []
+        offset = 0
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            offset += n
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens == len(seq):
+                last_rows.append(offset - 1)
+                sampling.append(seq)
+        if not sampling:
+            return [], None
+        logits = self.model.lm_head(hidden[torch.tensor(last_rows, device=self.device)])
+        return sampling, logits.float()
