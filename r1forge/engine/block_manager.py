@@ -123,6 +123,12 @@ class BlockManager:
             self._release(block)
         seq.block_table = []
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix: after a weight update the cached latents belong to the old weights."""
+        self.hash_to_block.clear()
+        self.block_hash = [None] * self.num_blocks
+        self.block_tokens = [None] * self.num_blocks
+
     def register_computed(self, seq: Sequence) -> None:
         """Publish the sequence's full, computed blocks for prefix reuse."""
         if not self.enable_prefix_caching:

@@ -140,3 +140,9 @@ class LLM:
 
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
+
+    def reset_prefix_cache(self) -> None:
+        """Call after changing the model's weights (RL training does): cached latents are stale."""
+        if self.engine.has_unfinished():
+            raise RuntimeError("reset_prefix_cache with requests in flight would mix old and new weights")
+        self.engine.block_manager.reset_prefix_cache()
