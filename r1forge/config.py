@@ -148,6 +148,8 @@ class ModelConfig:
         if not self.num_experts_per_tok or self.num_experts_per_tok > self.n_routed_experts:
             raise bad("num_experts_per_tok", f"must be in [1, n_routed_experts={self.n_routed_experts}], "
                       f"got {self.num_experts_per_tok}")
+        if self.intermediate_size <= 0:
+            raise bad("intermediate_size", f"must be positive, got {self.intermediate_size}")
         if self.moe_intermediate_size <= 0:
             raise bad("moe_intermediate_size", f"must be positive, got {self.moe_intermediate_size}")
         n_group = self.n_group or 1

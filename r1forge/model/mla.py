@@ -45,10 +45,10 @@ class MultiHeadLatentAttention(nn.Module):
             self.q_proj = nn.Linear(d, H * self.qk_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank)  # eps 1e-6 as in DeepSeek's code, not rms_norm_eps
             self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(d, C + R, bias=bias)
-        self.kv_a_layernorm = RMSNorm(C, config.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(C)
         self.kv_b_proj = nn.Linear(C, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_head_dim, d, bias=bias)
 

@@ -1,0 +1,209 @@
+"""`r1forge info --preset NAME` or `r1forge info CHECKPOINT_DIR`: what a model is, without loading its weights.
+
+Prints the layer and expert layout, the attention shapes, total and per-token active parameters (MTP apart),
+and what MLA saves: KV-cache bytes per token against multi-head attention and GQA-8 of the same head shapes,
+and the cache for one long context. For a checkpoint directory it also reads the safetensors headers (a few
+KB per shard, never the tensors) to report the on-disk dtypes and size. Parameters are counted on the meta
+device: no weights are allocated, even for 671B.
+
+Python use: `describe(config, checkpoint=summarize_checkpoint(path))` returns the same text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from r1forge.accounting import count_parameters, kv_cache_bytes_per_token
+from r1forge.config import ModelConfig
+
+CACHE_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit; a larger "length" means a corrupt or foreign file
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("path", nargs="?", help="checkpoint directory (config.json and *.safetensors)")
+    source.add_argument("--preset", help="a named shape: deepseek-v3, deepseek-r1, deepseek-v2-lite, tiny, small")
+    p.add_argument("--context", type=int, default=32768, help="context length for the KV-cache size line")
+    p.add_argument("--cache-dtype", choices=sorted(CACHE_DTYPE_BYTES), default="bf16",
+                   help="element type of the KV cache (bytes per cached number)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.preset:
+            config, checkpoint, source = ModelConfig.from_preset(args.preset), None, f"preset {args.preset}"
+        else:
+            config, source = ModelConfig.from_pretrained(args.path), str(args.path)
+            checkpoint = summarize_checkpoint(args.path)
+        if args.context <= 0:
+            raise ValueError(f"--context must be positive, got {args.context}")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"r1forge info: error: {e}", file=sys.stderr)
+        return 2
+    print(describe(config, checkpoint, context=args.context, cache_dtype=args.cache_dtype, source=source))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint
+@dataclass
+class CheckpointSummary:
+    """What the safetensors headers of a checkpoint directory say: files, bytes and values per dtype."""
+
+    files: int = 0
+    file_bytes: int = 0  # total size of the .safetensors files (headers included)
+    tensors: int = 0
+    numel_by_dtype: dict[str, int] = field(default_factory=dict)
+    bytes_by_dtype: dict[str, int] = field(default_factory=dict)
+    layer_indices: set[int] = field(default_factory=set)  # i of every model.layers.{i}.* key
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, dict]:
+    """The JSON header of one .safetensors file: {tensor name: {"dtype", "shape", "data_offsets"}}.
+
+    Format: an 8-byte little-endian header length, then that many bytes of JSON; tensors follow and are not read.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"{path}: not a safetensors file (header length {length} for a {size}-byte file)")
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    return header
+
+
+def summarize_checkpoint(directory: str | Path) -> CheckpointSummary:
+    """Sum the headers of every *.safetensors file in `directory` (no tensor data is read)."""
+    directory = Path(directory)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {directory}")
+    out = CheckpointSummary(files=len(files))
+    for path in files:
+        out.file_bytes += path.stat().st_size
+        for name, info in read_safetensors_header(path).items():
+            try:
+                dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+            out.tensors += 1
+            out.numel_by_dtype[dtype] = out.numel_by_dtype.get(dtype, 0) + math.prod(shape)
+            out.bytes_by_dtype[dtype] = out.bytes_by_dtype.get(dtype, 0) + end - begin
+            parts = name.split(".")
+            if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+                out.layer_indices.add(int(parts[2]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- report
+def human_count(n: float) -> str:
+    """671026404352 -> '671.0B'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(int(n))
+
+
+def human_bytes(n: float) -> str:
+    """Binary units: 70272 -> '68.6 KiB'."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.{2 if n / scale < 10 else 1}f} {unit}"
+    return f"{int(n)} B"
+
+
+def mtp_parameters(config: ModelConfig) -> int:
+    """Parameters of the MTP modules (one decoder block + eh_proj and norms each), counted on the meta device.
+
+    One module is built instead of a second whole model: `count_parameters(include_mtp=True)` would rebuild all
+    61 layers of V3 just to take a difference.
+    """
+    import torch
+
+    from r1forge.model import MTPModule
+
+    with torch.device("meta"):
+        module = MTPModule(config, config.num_hidden_layers)
+    return config.num_nextn_predict_layers * sum(p.numel() for p in module.parameters())
+
+
+def describe(config: ModelConfig, checkpoint: CheckpointSummary | None = None, context: int = 32768,
+             cache_dtype: str = "bf16", source: str | None = None) -> str:
+    """The `r1forge info` report for a config (and, optionally, what its checkpoint holds on disk)."""
+    c = config
+    L, H = c.num_hidden_layers, c.num_attention_heads
+    n_dense = L if not c.n_routed_experts else min(c.first_k_dense_replace, L)
+    lines = [f"{c.model_type} model" + (f" ({source})" if source else "")]
+    row = lines.append
+
+    def kv(label: str, text: str) -> None:
+        row(f"  {label:<12}{text}")
+
+    kv("layers", f"{L} ({n_dense} dense + {L - n_dense} MoE), hidden {c.hidden_size}, vocab {c.vocab_size}, "
+       f"dense FFN {c.intermediate_size}")
+    if c.n_routed_experts:
+        groups = f"{c.n_group} groups, top-{c.topk_group} groups" if (c.n_group or 1) > 1 else "no groups"
+        kv("experts", f"{c.n_routed_experts} routed + {c.n_shared_experts or 0} shared per MoE layer, "
+           f"top-{c.num_experts_per_tok} of {c.n_routed_experts}, {groups}, expert FFN {c.moe_intermediate_size}")
+        kv("router", f"{c.scoring_func} scores, {c.topk_method}, norm_topk_prob {c.norm_topk_prob}, "
+           f"routed_scaling_factor {c.routed_scaling_factor}")
+    q = f"q_lora_rank {c.q_lora_rank}" if c.q_lora_rank else "plain q_proj"
+    kv("attention", f"MLA, {H} heads, {q}, kv_lora_rank {c.kv_lora_rank}, qk head {c.qk_nope_head_dim} nope + "
+       f"{c.qk_rope_head_dim} rope, v head {c.v_head_dim}")
+    rope = f"theta {c.rope_theta:g}"
+    if c.rope_type == "yarn":
+        s = c.rope_scaling
+        rope = f"yarn x{s['factor']} over {s['original_max_position_embeddings']} positions, " + rope
+    kv("rope", f"{rope}, max positions {c.max_position_embeddings}")
+
+    total, active = count_parameters(c)
+    kv("parameters", f"{human_count(total)} total, {human_count(active)} active per token "
+       f"({total:,} / {active:,})")
+    if c.num_nextn_predict_layers:
+        kv("MTP", f"{human_count(mtp_parameters(c))} in {c.num_nextn_predict_layers} module(s), not counted above "
+           f"(embedding and head shared with the main model)")
+    else:
+        kv("MTP", "none")
+
+    elem = CACHE_DTYPE_BYTES[cache_dtype]
+    cache = kv_cache_bytes_per_token(c, element_size=elem)
+    row(f"  KV cache per token ({cache_dtype}, all {L} layers):")
+    gqa = f"GQA-{min(8, H)}"  # GQA-8 of the same head shapes (fewer kv heads than 8 would be MHA itself)
+    per_layer = {"MLA": f"{c.kv_lora_rank} + {c.qk_rope_head_dim} latent",
+                 gqa: f"{min(8, H)} kv heads x ({c.qk_head_dim} + {c.v_head_dim})",
+                 "MHA": f"{H} heads x ({c.qk_head_dim} + {c.v_head_dim})"}
+    for name, value in (("MLA", cache.mla), (gqa, cache.gqa8), ("MHA", cache.mha)):
+        row(f"    {name:<6}{value:>12,} B  {human_bytes(value):>10}  {100 * value / cache.mha:6.2f}% of MHA"
+            f"  ({per_layer[name]} per layer)")
+    row(f"  KV cache for a {context:,}-token context: MLA {human_bytes(cache.mla * context)}, "
+        f"{gqa} {human_bytes(cache.gqa8 * context)}, MHA {human_bytes(cache.mha * context)}")
+
+    if checkpoint is not None:
+        total_bytes = sum(checkpoint.bytes_by_dtype.values()) or 1
+        dtypes = ", ".join(f"{d} {human_count(n)} values ({100 * checkpoint.bytes_by_dtype[d] / total_bytes:.1f}%)"
+                           for d, n in sorted(checkpoint.numel_by_dtype.items(), key=lambda kv: -kv[1]))
+        kv("on disk", f"{human_bytes(checkpoint.file_bytes)} in {checkpoint.files} safetensors file(s), "
+           f"{checkpoint.tensors} tensors")
+        kv("dtypes", dtypes)
+        mtp_layers = sorted(i for i in checkpoint.layer_indices if i >= L)
+        if mtp_layers:
+            kv("", f"MTP weights present (layers {', '.join(map(str, mtp_layers))})")
+        elif c.num_nextn_predict_layers:
+            kv("", "no MTP weights on disk (config.json declares num_nextn_predict_layers, the files do not)")
+    return "\n".join(lines)

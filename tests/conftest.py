@@ -1,0 +1,94 @@
+"""Shared test helpers: tiny, fully randomised transformers DeepSeek models saved as Hugging Face checkpoints.
+
+Other test files reuse them with a plain import (pytest puts `tests/` on sys.path for this conftest):
+
+    from conftest import make_hf_checkpoint, build_hf_model
+
+`make_hf_checkpoint(tmp_path, **overrides)` is the one to use for "a real checkpoint on disk" (engine, server);
+`build_hf_model(...)` returns the transformers model itself, for tests that compare logits against it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+# The smallest shapes that still exercise every DeepSeek-V3 feature: q low-rank, several shared experts,
+# group-limited routing (n_group > 1, topk_group < n_group), a dense first layer. num_key_value_heads must be
+# given because transformers' V3 config defaults it to 128 whatever the head count.
+TINY_V3: dict[str, Any] = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
+    qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3,
+    n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+    max_position_embeddings=512, bos_token_id=0, eos_token_id=1, pad_token_id=0,
+)
+
+# DeepSeek-V2 shapes (softmax router). transformers' V2 router never renormalises the top-k weights (it ignores
+# norm_topk_prob), so V2 configs keep norm_topk_prob False, which is also what V2 checkpoints ship with.
+TINY_V2: dict[str, Any] = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
+    qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3,
+    n_group=1, topk_group=1, topk_method="greedy", first_k_dense_replace=1, routed_scaling_factor=1.5,
+    norm_topk_prob=False, max_position_embeddings=512, bos_token_id=0, eos_token_id=1, pad_token_id=0,
+)
+
+
+def randomise_(model: torch.nn.Module, std: float = 0.2, seed: int | None = None) -> torch.nn.Module:
+    """Overwrite every parameter, and the router correction bias, with random values (in place).
+
+    Default initialisations hide bugs (norm weights of one, a zero correction bias, near-uniform routing), so
+    norms get uniform(0.5, 1.5), matrices normal(0, std) and `e_score_correction_bias` normal(0, 0.1).
+    """
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand(p.shape, generator=generator) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.copy_(torch.randn(b.shape, generator=generator) * 0.1)
+    return model
+
+
+def build_hf_model(arch: str = "v3", seed: int = 0, std: float = 0.2, **overrides: Any):
+    """A randomised transformers `DeepseekV3ForCausalLM` (arch "v3") or `DeepseekV2ForCausalLM` ("v2") in eval mode.
+
+    `overrides` are transformers config kwargs on top of TINY_V3 / TINY_V2 (e.g. `rope_parameters={...}`).
+    """
+    transformers = pytest.importorskip("transformers")
+    if arch not in ("v3", "v2"):
+        raise ValueError(f"arch must be 'v3' or 'v2', got {arch!r}")
+    base = TINY_V3 if arch == "v3" else TINY_V2
+    config_cls = transformers.DeepseekV3Config if arch == "v3" else transformers.DeepseekV2Config
+    model_cls = transformers.DeepseekV3ForCausalLM if arch == "v3" else transformers.DeepseekV2ForCausalLM
+    kwargs = {**base, **overrides}
+    kwargs.setdefault("num_key_value_heads", kwargs["num_attention_heads"])
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kwargs)).eval()
+    return randomise_(model, std=std, seed=seed)
+
+
+def make_hf_checkpoint(path: str | Path, arch: str = "v3", seed: int = 0, std: float = 0.2,
+                       **overrides: Any) -> Path:
+    """Build a randomised tiny transformers DeepSeek model and `save_pretrained` it (fp32 safetensors) into `path`.
+
+    Returns the directory (config.json + model.safetensors). Same arguments as `build_hf_model`; the same seed
+    gives the same weights.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    build_hf_model(arch, seed=seed, std=std, **overrides).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path: Path) -> Path:
+    """A default tiny V3 checkpoint directory (TINY_V3, seed 0)."""
+    return make_hf_checkpoint(tmp_path / "hf-v3")
