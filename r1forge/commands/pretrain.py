@@ -1,0 +1,29 @@
+"""`r1forge pretrain CONFIG.yaml [--resume] [--train.lr 3e-4 ...]`: pretrain from a YAML run config.
+
+Every config field can be overridden as a dotted option after the config file; `--print-config` shows the
+resolved config and exits. The work is `r1forge.train.run_pretrain`. Exit codes: 0 done, 2 bad input,
+3 stopped by the non-finite loss guard.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from r1forge.train.cli import add_run_arguments
+
+    add_run_arguments(p, "pretrain")
+
+
+def run(args: argparse.Namespace) -> int:
+    from r1forge.train import PretrainRunConfig, run_pretrain
+    from r1forge.train.cli import resolve_run_config, run_with_errors
+
+    def main() -> int:
+        cfg, resume = resolve_run_config(PretrainRunConfig, args)
+        if cfg is None:
+            return 0
+        return 0 if run_pretrain(cfg, resume=resume).status == "completed" else 3
+
+    return run_with_errors(main)

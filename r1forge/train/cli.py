@@ -1,0 +1,60 @@
+"""Command-line plumbing shared by the run commands (`pretrain`, `sft`, and later `grpo`, `distill`).
+
+    r1forge pretrain CONFIG.yaml [--resume] [--print-config] [--SECTION.KEY VALUE | --SECTION.KEY=VALUE ...]
+
+argparse sees the config path and the flags; everything after the path is read here, because argparse puts
+every token after a REMAINDER positional into it (flags included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, TypeVar
+
+import yaml
+
+from r1forge.train.config import config_to_dict, load_run_config
+
+T = TypeVar("T")
+_FLAGS = {"--resume": "resume", "--print-config": "print_config"}
+
+
+def add_run_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    """The run commands' arguments: CONFIG, --resume, --print-config, dotted overrides."""
+    p.add_argument("config", help="YAML run config (see configs/); every field can be overridden after it")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in run_dir (fresh start if there is none)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs=argparse.REMAINDER,
+                   help=f"dotted config overrides, e.g. `r1forge {command} CONFIG --train.lr 3e-4 --train.steps=200`")
+
+
+def resolve_run_config(cls: type[T], args: argparse.Namespace) -> tuple[T | None, bool]:
+    """(config, resume) from parsed arguments; config is None when only printing it (already printed)."""
+    flags = {"resume": bool(args.resume), "print_config": bool(args.print_config)}
+    overrides = []
+    for token in args.overrides or []:
+        if token in _FLAGS:
+            flags[_FLAGS[token]] = True
+        else:
+            overrides.append(token)
+    cfg = load_run_config(cls, args.config, overrides)
+    if flags["print_config"]:
+        yaml.safe_dump(config_to_dict(cfg), sys.stdout, sort_keys=False)
+        return None, flags["resume"]
+    return cfg, flags["resume"]
+
+
+def report_error(error: Exception) -> int:
+    """Print a user error (bad config key, missing file) without a traceback; the exit code for it."""
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
+def run_with_errors(fn: Any) -> int:
+    """Call fn() and turn ValueError (bad user input) into a one-line message and exit code 2."""
+    try:
+        return int(fn() or 0)
+    except ValueError as e:
+        return report_error(e)

@@ -1,0 +1,381 @@
+"""Run configs: dataclasses loaded from YAML, every field overridable from the command line (`--train.lr 3e-4`).
+
+    cfg = load_run_config(PretrainRunConfig, "configs/pretrain_tiny.yaml", ["--train.lr", "3e-4"])
+
+The loader is generic (`config_from_dict`, `apply_overrides`, `config_to_dict` work on any dataclass tree),
+so the GRPO and distillation configs reuse it. Values are checked against the field's type annotation; an
+unknown key or a value of the wrong type is a ValueError that names the dotted key. A YAML mapping given to
+a `dict` field (e.g. `model.overrides`) is taken as is, and `--model.overrides.hidden_size 128` sets one entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------- sections
+@dataclass
+class ModelSection:
+    """Which model to train."""
+
+    preset: str = "tiny"  # model shape from r1forge.presets (ignored when init_from is set)
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields on top of the preset
+    init_from: str | None = None  # checkpoint (or run) directory to start from instead of a random init
+    mtp: bool = True  # build the config's MTP modules and train them with weight train.mtp_lambda
+
+    def validate(self, prefix: str = "model") -> None:
+        from r1forge.presets import PRESETS
+
+        if self.init_from is None and self.preset not in PRESETS:
+            raise ValueError(f"{prefix}.preset: unknown preset {self.preset!r}; "
+                             f"available: {', '.join(sorted(PRESETS))}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: AdamW, warmup + cosine, clipping, accumulation, MoE balancing, MTP, the NaN guard."""
+
+    steps: int = 1000  # optimizer steps of the whole run (the schedule's length)
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at the last step
+    warmup_steps: int = 50  # linear warmup from lr / warmup_steps to lr
+    weight_decay: float = 0.1  # AdamW decoupled decay, on matrices only (not norms)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
+    bias_update_gamma: float = 1e-3  # auxiliary-loss-free balancing speed (SPEC 3); 0 disables the bias update
+    aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (DeepSeek-V3 used 1e-4); 0 disables it
+    mtp_lambda: float = 0.3  # weight of the multi-token-prediction loss (V3: 0.3 early, 0.1 later)
+    max_bad_steps: int = 5  # this many non-finite steps in a row stop the run (the last checkpoint is kept)
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward to save memory
+    device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
+    bf16: bool = True  # bf16 autocast on CUDA (float32 master weights); ignored on CPU
+
+    def validate(self, prefix: str = "train") -> None:
+        _positive(self, prefix, "steps", "batch_size", "grad_accum", "lr", "max_bad_steps", "eps")
+        _non_negative(self, prefix, "warmup_steps", "weight_decay", "grad_clip", "bias_update_gamma",
+                      "aux_loss_alpha", "mtp_lambda")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"{prefix}.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"{prefix}.{key} must be in [0, 1), got {getattr(self, key)}")
+
+
+@dataclass
+class LogConfig:
+    """What is written where, and how often."""
+
+    log_every: int = 10  # steps between metric records (losses are averaged over them)
+    eval_every: int = 100  # steps between held-out evaluations; 0 evaluates only at the end
+    eval_batches: int = 20  # at most this many held-out batches per evaluation (0: no evaluation)
+    save_every: int = 500  # steps between checkpoints; 0 saves only at the end
+    keep_last: int = 3  # checkpoints kept (older ones are deleted); 0 keeps all
+    tensorboard: bool = True  # also write TensorBoard events to RUN_DIR/tb
+    progress: bool = True  # tqdm progress bar (loss, tokens/s, ETA) on stderr
+
+    def validate(self, prefix: str = "log") -> None:
+        _positive(self, prefix, "log_every")
+        _non_negative(self, prefix, "eval_every", "eval_batches", "save_every", "keep_last")
+
+
+@dataclass
+class PretrainDataConfig:
+    """Packed next-token-prediction data."""
+
+    tokenizer: str | None = None  # tokenizer directory; null trains one on the training text into RUN_DIR/tokenizer
+    vocab_size: int = 512  # vocabulary of a tokenizer trained here
+    files: list[str] = field(default_factory=list)  # .txt / .jsonl ({"text": ...}) files; empty: built-in corpus
+    eval_files: list[str] = field(default_factory=list)  # held-out files; empty: see eval_fraction / synthetic
+    eval_fraction: float = 0.05  # rows of `files` held out for evaluation when eval_files is empty
+    synthetic_docs: int = 4000  # documents of the built-in arithmetic corpus (when files is empty)
+    synthetic_eval_problems: int = 200  # held-out test-split problems evaluated on (when files is empty)
+    seq_len: int = 128  # tokens per packed row
+
+    def validate(self, prefix: str = "data") -> None:
+        _positive(self, prefix, "vocab_size", "synthetic_docs", "synthetic_eval_problems", "seq_len")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"{prefix}.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class SFTDataConfig:
+    """Chat conversations; the loss is on assistant tokens only."""
+
+    tokenizer: str | None = None  # tokenizer directory; null: init_from's tokenizer, else one trained on the data
+    vocab_size: int = 512  # vocabulary of a tokenizer trained here
+    files: list[str] = field(default_factory=list)  # chat JSONL ({"messages": [...]}); empty: built-in problems
+    eval_files: list[str] = field(default_factory=list)  # held-out chat JSONL; empty: test-split problems
+    synthetic_problems: int = 2000  # built-in <think>/<answer> conversations (when files is empty)
+    synthetic_eval_problems: int = 100  # held-out built-in conversations (when eval_files is empty)
+    max_len: int = 256  # longest conversation (or packed row) in tokens
+    packing: bool = False  # pack conversations into rows of max_len
+
+    def validate(self, prefix: str = "data") -> None:
+        _positive(self, prefix, "vocab_size", "synthetic_problems", "synthetic_eval_problems", "max_len")
+
+
+@dataclass
+class PretrainRunConfig:
+    """`r1forge pretrain CONFIG.yaml`."""
+
+    run_dir: str = "runs/pretrain"  # metrics.jsonl, tb/, checkpoints/step-N/ and the tokenizer go here
+    seed: int = 0  # seeds the init, the data order and every RNG
+    model: ModelSection = field(default_factory=ModelSection)  # the model
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)  # the data
+    train: TrainConfig = field(default_factory=TrainConfig)  # the optimisation
+    log: LogConfig = field(default_factory=LogConfig)  # logging, evaluation, checkpoints
+
+
+def _sft_train() -> TrainConfig:
+    return TrainConfig(steps=300, lr=3e-4, warmup_steps=20, weight_decay=0.0, mtp_lambda=0.0)
+
+
+@dataclass
+class SFTRunConfig:
+    """`r1forge sft CONFIG.yaml`."""
+
+    run_dir: str = "runs/sft"  # metrics.jsonl, tb/, checkpoints/step-N/ go here
+    seed: int = 0  # seeds the init, the data order and every RNG
+    model: ModelSection = field(default_factory=lambda: ModelSection(mtp=False))  # usually init_from a pretrain run
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)  # the conversations
+    train: TrainConfig = field(default_factory=_sft_train)  # the optimisation
+    log: LogConfig = field(default_factory=lambda: LogConfig(eval_every=50, save_every=100))  # logging, checkpoints
+
+
+def _positive(obj: Any, prefix: str, *keys: str) -> None:
+    for key in keys:
+        if getattr(obj, key) <= 0:
+            raise ValueError(f"{prefix}.{key} must be positive, got {getattr(obj, key)}")
+
+
+def _non_negative(obj: Any, prefix: str, *keys: str) -> None:
+    for key in keys:
+        if getattr(obj, key) < 0:
+            raise ValueError(f"{prefix}.{key} must be >= 0, got {getattr(obj, key)}")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown(key: str, valid: list[str]) -> ValueError:
+    name = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+    return ValueError(f"unknown config key {key!r}{hint}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` checked against the annotation `tp`; ints widen to float, numeric strings ("3e-4") parse."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{key}: cannot be {value!r}")
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return merge_into(tp(), value, prefix=key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "3e-4" (no dot) as a string
+            except ValueError:
+                pass
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{key}: expected a string, got {value!r}")
+    raise ValueError(f"{key}: unsupported field type {tp!r}")
+
+
+def config_from_dict(cls: type[T], raw: dict[str, Any] | None, prefix: str = "") -> T:
+    """Build dataclass `cls` from a (YAML) mapping; missing keys keep their defaults, unknown keys are errors.
+
+    A section given partially keeps the run's defaults for the rest (an SFT run's `train:` with only `lr`
+    keeps SFT's own step count), because keys are merged into the default instance rather than rebuilt.
+    """
+    out = merge_into(cls(), raw, prefix)
+    if not prefix:
+        validate_config(out)
+    return out
+
+
+def merge_into(cfg: T, raw: dict[str, Any] | None, prefix: str = "") -> T:
+    """Set the keys of mapping `raw` on the dataclass instance `cfg` (recursing into sections); returns cfg."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    hints = _hints(type(cfg))
+    names = [f.name for f in dataclasses.fields(cfg)]
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise _unknown(dotted, names)
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            merge_into(current, value, dotted)
+        else:
+            setattr(cfg, key, _coerce(value, hints[key], dotted))
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (YAML-ready) of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def validate_config(cfg: Any, prefix: str = "") -> None:
+    """Run every section's `validate(prefix)`, depth first."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate_config(value, f"{prefix}.{f.name}" if prefix else f.name)
+    if hasattr(cfg, "validate"):
+        cfg.validate(prefix) if prefix else cfg.validate()
+
+
+def _parse_cli_value(text: str, tp: Any) -> Any:
+    """A command-line string for a field of type `tp`: strings stay verbatim, everything else is YAML."""
+    if text.lower() in ("null", "none", "~"):
+        return None
+    base = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
+        typing.Union, types.UnionType) else [tp]
+    if base == [str]:
+        return text
+    if typing.get_origin(base[0]) is list and not text.lstrip().startswith("["):
+        return [part for part in text.split(",") if part]  # --data.files a.txt,b.txt
+    return yaml.safe_load(text)
+
+
+def set_override(cfg: Any, dotted: str, text: str) -> None:
+    """Set one dotted key (`train.lr`, `model.overrides.hidden_size`) from its command-line string."""
+    parts = dotted.split(".")
+    obj, path = cfg, []
+    for i, part in enumerate(parts):
+        path.append(part)
+        key = ".".join(path)
+        names = [f.name for f in dataclasses.fields(obj)]
+        if part not in names:
+            raise _unknown(key, names)
+        tp = _hints(type(obj))[part]
+        value = getattr(obj, part)
+        last = i == len(parts) - 1
+        if dataclasses.is_dataclass(value) and not last:
+            obj = value
+            continue
+        if isinstance(value, dict) and not last:  # model.overrides.hidden_size: one entry of a dict field
+            value[".".join(parts[i + 1:])] = yaml.safe_load(text)
+            return
+        if not last:
+            raise ValueError(f"config key {key!r} is a {type(value).__name__}, it has no field {parts[i + 1]!r}")
+        if dataclasses.is_dataclass(value):
+            raise ValueError(f"config key {key!r} is a section; set its fields ({key}.FIELD VALUE)")
+        try:
+            setattr(obj, part, _coerce(_parse_cli_value(text, tp), tp, key))
+        except yaml.YAMLError as e:
+            raise ValueError(f"{key}: cannot parse {text!r} ({e})") from None
+        return
+
+
+def parse_override_args(argv: list[str]) -> list[tuple[str, str]]:
+    """`["--train.lr", "3e-4", "--seed=1"]` -> `[("train.lr", "3e-4"), ("seed", "1")]`."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ValueError(f"expected --KEY VALUE (e.g. --train.lr 3e-4), got {arg!r}")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ValueError(f"config key {arg[2:]!r} has no value: use --{arg[2:]} VALUE")
+            key, value = arg[2:], argv[i + 1]
+            i += 2
+        out.append((key.replace("-", "_"), value))
+    return out
+
+
+def apply_overrides(cfg: T, overrides: list[str] | list[tuple[str, str]]) -> T:
+    """Apply command-line overrides (raw argv or parsed pairs) in order, then re-validate."""
+    pairs = parse_override_args(overrides) if overrides and isinstance(overrides[0], str) else overrides
+    for key, value in pairs:
+        set_override(cfg, key, value)
+    validate_config(cfg)
+    return cfg
+
+
+def load_run_config(cls: type[T], path: str | os.PathLike | None, overrides: list[str] | None = None) -> T:
+    """YAML file (or only defaults when path is None) -> `cls`, then dotted command-line overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of config sections, got {type(raw).__name__}")
+    try:
+        cfg = config_from_dict(cls, raw)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}" if path is not None else str(e)) from None
+    return apply_overrides(cfg, overrides or [])
+
+
+def save_run_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config (defaults and overrides applied) as YAML, to reproduce the run."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,169 @@
+"""`run_pretrain` / `run_sft`: a run config -> tokenizer, data, model and a `Trainer`; what the CLI calls.
+
+    from r1forge.train import PretrainRunConfig, load_run_config, run_pretrain
+    result = run_pretrain(load_run_config(PretrainRunConfig, "configs/pretrain_tiny.yaml", ["--train.steps", "50"]))
+
+The run directory holds the resolved `config.yaml`, `metrics.jsonl`, `tb/`, the tokenizer trained for the run
+(when none was given) and `checkpoints/step-N/`. A run directory with checkpoints is only continued with
+`resume=True` (from its newest complete checkpoint), never silently overwritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r1forge.config import ModelConfig
+from r1forge.data import Tokenizer, load_tokenizer, train_tokenizer
+from r1forge.model import DeepseekForCausalLM, build_model
+from r1forge.train.checkpointing import CHECKPOINTS_DIR, clean_staging, latest_checkpoint, resolve_model_dir
+from r1forge.train.config import ModelSection, PretrainRunConfig, SFTRunConfig, save_run_config
+from r1forge.train.data import (
+    fixed_batches, make_loader, pretrain_datasets, pretrain_texts, sft_datasets, sft_texts, target_counts,
+    unigram_entropy,
+)
+from r1forge.train.trainer import Trainer, TrainResult
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; anything else as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"train.device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device is {name!r} but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """torch (CPU and CUDA), python and numpy RNGs."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # numpy is optional
+        pass
+
+
+def prepare_run_dir(run_dir: str | Path, resume: bool) -> Path | None:
+    """Create the run directory; the checkpoint to resume from (None: start fresh).
+
+    Refuses (ValueError naming run_dir) to start fresh over a run that has checkpoints.
+    """
+    run_dir = Path(run_dir)
+    checkpoints = run_dir / CHECKPOINTS_DIR
+    clean_staging(checkpoints)
+    latest = latest_checkpoint(checkpoints)
+    if latest is not None and not resume:
+        raise ValueError(f"run_dir {str(run_dir)!r} already has checkpoints (newest {latest.name}): pass --resume to "
+                         "continue it, or choose another run_dir")
+    if resume and latest is None:
+        print(f"--resume: no complete checkpoint in {checkpoints}, starting from scratch")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return latest if resume else None
+
+
+def _resolve_tokenizer(given: str | None, checkpoint: Path | None, init_dir: Path | None, run_dir: Path,
+                       vocab_size: int, files: list[str], texts: list[str] | None) -> Tokenizer:
+    """The run's tokenizer: the configured one, the resumed checkpoint's, the init model's, or a new one."""
+    if given is not None:
+        return load_tokenizer(given)
+    for directory in (checkpoint, init_dir):
+        if directory is not None and (directory / "tokenizer.json").is_file():
+            return load_tokenizer(directory)
+    out = run_dir / "tokenizer"
+    print(f"training a {vocab_size}-token BPE tokenizer on the training data -> {out}")
+    train_tokenizer(files or None, out, vocab_size=vocab_size, texts=texts)
+    return load_tokenizer(out)
+
+
+def build_run_model(section: ModelSection, tokenizer: Tokenizer, device: torch.device) -> DeepseekForCausalLM:
+    """A random model of `section.preset` (+ overrides) sized to the tokenizer, or the `init_from` model.
+
+    Without `section.mtp` the model has no MTP modules and its config says so (num_nextn_predict_layers 0),
+    so its checkpoints describe exactly what they hold.
+    """
+    if section.init_from is not None:
+        if section.overrides:
+            raise ValueError("model.overrides cannot reshape a pretrained model (model.init_from is set)")
+        from r1forge.loading import load_model
+
+        model_dir = resolve_model_dir(section.init_from)
+        mtp = section.mtp and ModelConfig.from_pretrained(model_dir).num_nextn_predict_layers > 0
+        model = load_model(model_dir, device=device, with_mtp=mtp)
+        model.config.num_nextn_predict_layers = model.num_mtp
+    else:
+        known = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
+        for key in section.overrides:
+            if key not in known:
+                raise ValueError(f"model.overrides.{key}: not a ModelConfig field")
+        overrides: dict[str, Any] = {"vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.bos_token_id,
+                                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+        overrides.update(section.overrides)
+        config = ModelConfig.from_preset(section.preset, **overrides)
+        if not section.mtp:
+            config = config.replace(num_nextn_predict_layers=0)
+        model = build_model(config, device=device, with_mtp=section.mtp)
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
+                         f"{tokenizer.vocab_size}")
+    model.train()
+    return model
+
+
+def _run(cfg: Any, resume: bool, make_data: Any, tokenizer_texts: Any, kind: str) -> TrainResult:
+    run_dir = Path(cfg.run_dir)
+    checkpoint = prepare_run_dir(run_dir, resume)
+    save_run_config(cfg, run_dir / ("config.yaml" if checkpoint is None else "config.resumed.yaml"))
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.train.device)
+    init_dir = resolve_model_dir(cfg.model.init_from) if cfg.model.init_from else None
+    texts = tokenizer_texts()
+    tokenizer = _resolve_tokenizer(cfg.data.tokenizer, checkpoint, init_dir, run_dir, cfg.data.vocab_size,
+                                   cfg.data.files, texts)
+    model = build_run_model(cfg.model, tokenizer, device)
+    train_ds, eval_ds = make_data(tokenizer, texts)
+    counts = target_counts(train_ds, model.config.vocab_size)
+    entropy = unigram_entropy(counts)
+    n_params = sum(p.numel() for p in model.parameters())
+    info = {"kind": kind, "unigram_entropy": entropy, "train_targets": int(counts.sum()), "train_rows": len(train_ds),
+            "eval_rows": len(eval_ds) if eval_ds is not None else 0, "params": n_params, "device": str(device)}
+    print(f"{kind}: {n_params / 1e6:.2f}M parameters ({model.num_mtp} MTP), {len(train_ds)} training rows, "
+          f"{int(counts.sum())} target tokens, device {device}")
+    print(f"unigram entropy of the training tokens: {entropy:.4f} nats/token (the loss of a context-free model)")
+    loader = make_loader(train_ds, cfg.train.batch_size, cfg.seed)
+    eval_batches = fixed_batches(eval_ds, cfg.train.batch_size, cfg.log.eval_batches)
+    trainer = Trainer(model, loader, cfg.train, cfg.log, run_dir, eval_batches=eval_batches, tokenizer=tokenizer,
+                      run_info=info)
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
+        print(f"resumed from {checkpoint} (step {trainer.step})")
+    result = trainer.fit()
+    summary = f"{kind} {result.status} at step {result.step}"
+    if result.eval_loss is not None:
+        summary += f": held-out loss {result.eval_loss:.4f} vs unigram {entropy:.4f} nats/token"
+    print(summary + (f"; checkpoint {result.checkpoint}" if result.checkpoint else ""))
+    return result
+
+
+def run_pretrain(cfg: PretrainRunConfig, resume: bool = False) -> TrainResult:
+    """Pretrain as `cfg` says (see the module docstring); `resume` continues the run's newest checkpoint."""
+    return _run(cfg, resume,
+                lambda tok, texts: pretrain_datasets(cfg.data, tok, cfg.seed, texts),
+                lambda: pretrain_texts(cfg.data, cfg.seed), "pretrain")
+
+
+def run_sft(cfg: SFTRunConfig, resume: bool = False) -> TrainResult:
+    """Supervised fine-tuning on chat data (loss on assistant tokens only); usually `model.init_from` a pretrain run."""
+    return _run(cfg, resume,
+                lambda tok, texts: sft_datasets(cfg.data, tok, cfg.seed),
+                lambda: sft_texts(cfg.data, cfg.seed) if cfg.data.tokenizer is None else None, "sft")
