@@ -1,4 +1,5 @@
-"""`r1forge plot RUN_DIR [--out DIR]`: PNG plots of a run (loss curve, expert-load heatmap, load balance)."""
+"""`r1forge plot RUN_DIR [--out DIR]`: PNG plots of a run: loss, expert load and balance for pretrain / SFT runs;
+reward, accuracy, response length and KL / entropy / clipping for GRPO runs."""
 
 from __future__ import annotations
 
@@ -6,16 +7,23 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="a run directory with metrics.jsonl (what `r1forge pretrain` / `sft` write)")
+    p.add_argument("run_dir", help="a run directory with metrics.jsonl (what `r1forge pretrain` / `sft` / `grpo` write)")
     p.add_argument("--out", default=None, help="where to write the PNGs (default RUN_DIR/plots)")
 
 
 def run(args: argparse.Namespace) -> int:
     from r1forge.train.cli import run_with_errors
+    from r1forge.train.metrics import read_metrics
     from r1forge.train.plots import plot_run
 
     def main() -> int:
-        for path in plot_run(args.run_dir, args.out):
+        if any("reward_mean" in r for r in read_metrics(args.run_dir)):
+            from r1forge.rl.plots import plot_grpo_run
+
+            paths = plot_grpo_run(args.run_dir, args.out)
+        else:
+            paths = plot_run(args.run_dir, args.out)
+        for path in paths:
             print(path)
         return 0
 

@@ -1,0 +1,235 @@
+"""`run_grpo`: a GRPO run config -> policy, prompts, rewards and a `GRPOTrainer`; what `r1forge grpo` calls.
+
+    from r1forge.rl.grpo_run import GRPORunConfig, run_grpo
+    from r1forge.train import load_run_config
+    result = run_grpo(load_run_config(GRPORunConfig, "configs/grpo_tiny.yaml", ["--grpo.steps", "20"]))
+
+The run directory holds the resolved `config.yaml`, `metrics.jsonl` (one record per step, evaluations as
+`event: "eval"`), `tb/`, `completions.jsonl` (sample completions every `grpo.log_completions_every` steps),
+`plots/` and `checkpoints/step-N/` (weights + tokenizer + optimizer + prompt order: `--resume` continues
+exactly). Prompts are train-split problems (or `data.files`); evaluation uses test-split problems, which no
+training stage ever sees (see r1forge.data.synthetic for the split rule).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r1forge.data import load_tokenizer
+from r1forge.data.jsonl import DataError, read_jsonl
+from r1forge.data.synthetic import KINDS, make_problems, rl_example
+from r1forge.rl.grpo_config import GRPOConfig
+from r1forge.rl.grpo_trainer import EvalResult, GRPOTrainer
+from r1forge.rl.rewards import REWARD_STATS, combine_rewards
+from r1forge.train.checkpointing import (CHECKPOINTS_DIR, load_training_checkpoint, resolve_model_dir,
+                                         save_training_checkpoint)
+from r1forge.train.config import ModelSection, save_run_config
+from r1forge.train.metrics import MetricsLogger, Progress
+from r1forge.train.runs import build_run_model, prepare_run_dir, resolve_device, seed_everything
+
+
+@dataclass
+class GRPODataConfig:
+    """Prompts with verifiable answers."""
+
+    files: list[str] = field(default_factory=list)  # JSONL of {"question": ..., "answer": ...}; empty: built-in
+    eval_files: list[str] = field(default_factory=list)  # held-out JSONL of the same form; empty: built-in test split
+    synthetic_problems: int = 2000  # built-in train-split problems (when files is empty)
+    synthetic_eval_problems: int = 500  # built-in test-split problems for evaluation (when eval_files is empty)
+    min_steps: int = 1  # built-in problems: fewest solution steps
+    max_steps: int = 3  # built-in problems: most solution steps
+    max_operand: int = 99  # built-in problems: largest operand
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))  # built-in problem kinds
+
+    def validate(self, prefix: str = "data") -> None:
+        if self.synthetic_problems <= 0 and not self.files:
+            raise ValueError(f"{prefix}.synthetic_problems must be positive when {prefix}.files is empty")
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ValueError(f"{prefix}.min_steps/max_steps: need 1 <= min_steps <= max_steps")
+        unknown = set(self.kinds) - set(KINDS)
+        if unknown or not self.kinds:
+            raise ValueError(f"{prefix}.kinds must be a non-empty subset of {list(KINDS)}, got {self.kinds}")
+
+
+@dataclass
+class GRPOLogConfig:
+    """What is written where, and how often."""
+
+    save_every: int = 0  # steps between checkpoints; 0 saves only at the end
+    keep_last: int = 2  # checkpoints kept (older ones are deleted); 0 keeps all
+    eval_every: int = 0  # steps between held-out evaluations; 0 only before and after
+    eval_problems: int = 500  # held-out problems per evaluation (greedy decoding)
+    eval_before: bool = True  # evaluate the initial policy too (the "before" of the before/after table)
+    tensorboard: bool = True  # also write TensorBoard events to RUN_DIR/tb
+    progress: bool = True  # tqdm progress bar on stderr
+    plots: bool = True  # write RUN_DIR/plots/*.png at the end
+
+    def validate(self, prefix: str = "log") -> None:
+        for key in ("save_every", "keep_last", "eval_every", "eval_problems"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
+class GRPORunConfig:
+    """`r1forge grpo CONFIG.yaml`."""
+
+    run_dir: str = "runs/grpo"  # metrics.jsonl, completions.jsonl, tb/, plots/, checkpoints/
+    seed: int = 0  # seeds every RNG, the prompt order and the rollout sampling
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", ...
+    model: ModelSection = field(default_factory=lambda: ModelSection(mtp=False))  # init_from: the policy to train
+    data: GRPODataConfig = field(default_factory=GRPODataConfig)  # prompts and held-out problems
+    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.2})  # name -> weight
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # the algorithm
+    log: GRPOLogConfig = field(default_factory=GRPOLogConfig)  # logging, evaluation, checkpoints
+
+    def validate(self, prefix: str = "") -> None:
+        combine_rewards(self.rewards)  # names every unknown reward / bad weight
+
+
+@dataclass
+class GRPOResult:
+    step: int
+    before: EvalResult | None
+    after: EvalResult | None
+    checkpoint: Path | None
+    run_dir: Path
+    plots: list[Path]
+
+
+def _read_examples(files: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for path in files:
+        for i, record in enumerate(read_jsonl(path)):
+            if "question" not in record and "messages" in record:
+                users = [m for m in record["messages"] if m.get("role") == "user"]
+                if users:
+                    record = {**record, "question": users[-1]["content"]}
+            if not isinstance(record.get("question"), str) or "answer" not in record:
+                raise DataError(f"{path}: record {i + 1} needs a string 'question' (or user messages) and an 'answer'")
+            record = {**record, "answer": str(record["answer"])}
+            record.pop("prompt", None)  # the template renders the prompt; example keys reach rewards as **kwargs
+            out.append(record)
+    if not out:
+        raise ValueError(f"data.files {files}: no examples")
+    return out
+
+
+def _strip(example: dict[str, Any]) -> dict[str, Any]:
+    """Rewards get `prompt` and `completion` positionally; the rest of the example by keyword."""
+    return {k: v for k, v in example.items() if k not in ("prompt", "messages")}
+
+
+def grpo_examples(cfg: GRPODataConfig, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training prompts, held-out evaluation problems) as dicts with "question" and "answer"."""
+    kinds = tuple(cfg.kinds)
+    if cfg.files:
+        train = _read_examples(cfg.files)
+    else:
+        train = [_strip(rl_example(p)) for p in make_problems(cfg.synthetic_problems, seed, "train", cfg.min_steps,
+                                                               cfg.max_steps, cfg.max_operand, kinds)]
+    if cfg.eval_files:
+        held_out = _read_examples(cfg.eval_files)
+    else:
+        held_out = [_strip(rl_example(p)) for p in make_problems(cfg.synthetic_eval_problems, seed + 7919, "test",
+                                                                  cfg.min_steps, cfg.max_steps, cfg.max_operand, kinds)]
+    return train, held_out
+
+
+def eval_record(result: EvalResult, prefix: str = "eval") -> dict[str, float]:
+    return {f"{prefix}/accuracy": result.accuracy, f"{prefix}/accuracy_stderr": result.stderr,
+            f"{prefix}/format_rate": result.format_rate, f"{prefix}/response_length": result.mean_length,
+            f"{prefix}/problems": result.num_problems}
+
+
+def run_grpo(cfg: GRPORunConfig, resume: bool = False) -> GRPOResult:
+    """Train the `model.init_from` policy with GRPO as `cfg` says; evaluate before and after on held-out problems."""
+    if cfg.model.init_from is None:
+        raise ValueError("model.init_from: GRPO starts from a trained policy (a checkpoint or run directory)")
+    run_dir = Path(cfg.run_dir)
+    checkpoint = prepare_run_dir(run_dir, resume)
+    save_run_config(cfg, run_dir / ("config.yaml" if checkpoint is None else "config.resumed.yaml"))
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    init_dir = resolve_model_dir(cfg.model.init_from)
+    tokenizer = load_tokenizer(checkpoint if checkpoint is not None else init_dir)
+    model = build_run_model(cfg.model, tokenizer, device)
+    train_examples, held_out = grpo_examples(cfg.data, cfg.seed)
+    held_out = held_out[: cfg.log.eval_problems] if cfg.log.eval_problems else []
+    reward_fn = combine_rewards(cfg.rewards)
+    trainer = GRPOTrainer(model, tokenizer, cfg.grpo, reward_fn, train_examples)
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
+        print(f"resumed from {checkpoint} (step {trainer.step_count})")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"grpo: {n_params / 1e6:.2f}M-parameter policy from {init_dir}, {len(train_examples)} prompts, "
+          f"{len(held_out)} held-out problems, G={cfg.grpo.num_generations}, loss {cfg.grpo.loss_type}, "
+          f"beta {cfg.grpo.beta}, rewards {cfg.rewards}, device {device}")
+
+    logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard,
+                           resume_step=trainer.step_count if checkpoint is not None else None)
+    completions_path = run_dir / "completions.jsonl"
+    if checkpoint is None:
+        completions_path.write_text("", encoding="utf-8")
+
+    def log_completions(step: int, rows: list[dict[str, Any]]) -> None:
+        with open(completions_path, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n")
+
+    trainer.log_completions = log_completions
+    REWARD_STATS.reset()
+    before = None
+    if cfg.log.eval_before and held_out and checkpoint is None:
+        before = trainer.evaluate(held_out)
+        logger.log(0, {"event": "eval", **eval_record(before)})
+        print(f"before GRPO: accuracy {before.accuracy:.3f} +- {before.stderr:.3f}, format {before.format_rate:.3f}, "
+              f"length {before.mean_length:.1f} tokens on {before.num_problems} held-out problems")
+    progress = Progress(cfg.grpo.steps, initial=trainer.step_count, enabled=cfg.log.progress, desc="grpo")
+    saved: Path | None = None
+    t0 = time.perf_counter()
+    try:
+        while trainer.step_count < cfg.grpo.steps:
+            metrics = trainer.step()
+            step = trainer.step_count
+            metrics.update(REWARD_STATS.as_metrics())  # running counts: calls, unparsable answers, errors
+            logger.log(step, metrics)
+            progress.update(1, reward=metrics.get("reward_mean", float("nan")),
+                            acc=metrics.get("reward/accuracy", float("nan")),
+                            len=metrics.get("completion_length", float("nan")))
+            if cfg.log.eval_every and step % cfg.log.eval_every == 0 and step < cfg.grpo.steps and held_out:
+                result = trainer.evaluate(held_out)
+                logger.log(step, {"event": "eval", **eval_record(result)})
+                progress.write(f"step {step}: held-out accuracy {result.accuracy:.3f} +- {result.stderr:.3f}")
+            if cfg.log.save_every and step % cfg.log.save_every == 0 and step < cfg.grpo.steps:
+                saved = _save(trainer, run_dir, cfg, tokenizer)
+    finally:
+        progress.close()
+    after = None
+    if held_out:
+        after = trainer.evaluate(held_out)
+        logger.log(trainer.step_count, {"event": "eval", **eval_record(after)})
+        print(f"after GRPO ({trainer.step_count} steps, {time.perf_counter() - t0:.0f}s): accuracy "
+              f"{after.accuracy:.3f} +- {after.stderr:.3f}, format {after.format_rate:.3f}, "
+              f"length {after.mean_length:.1f} tokens")
+    saved = _save(trainer, run_dir, cfg, tokenizer)
+    logger.close()
+    plots: list[Path] = []
+    if cfg.log.plots:
+        from r1forge.rl.plots import plot_grpo_run
+
+        plots = plot_grpo_run(run_dir)
+    return GRPOResult(trainer.step_count, before, after, saved, run_dir, plots)
+
+
+def _save(trainer: GRPOTrainer, run_dir: Path, cfg: GRPORunConfig, tokenizer: Any) -> Path:
+    return save_training_checkpoint(run_dir / CHECKPOINTS_DIR, trainer.step_count, trainer.model, tokenizer=tokenizer,
+                                    optimizer=trainer.optimizer, scheduler=trainer.scheduler,
+                                    extra=trainer.extra_state(), info={"kind": "grpo"}, keep_last=cfg.log.keep_last)
+

@@ -1,0 +1,289 @@
+"""GRPO: reinforcement learning against rule-based rewards with group-relative advantages and no critic.
+
+Each step (SPEC section 6):
+  1. sample G completions for each of P prompts from the current policy (engine, prefix-shared);
+  2. score them; A_i = (r_i - mean_group) / std (scale_rewards), the same for every token of o_i;
+  3. (DAPO) drop groups whose rewards are all equal and resample to refill; mask or punish over-long ones;
+  4. mu passes: recompute log pi_theta, take the clipped objective against the sampling policy's logprobs,
+     plus beta * k3 KL to a frozen reference; one AdamW step per pass;
+  5. MoE bias update (optional), reset the engine's prefix cache (its latents are the old weights').
+Deviations from the paper, on purpose:
+  1. pi_old is the engine's sampling distribution, so with mu = 1 the ratio is 1 up to numerics (as in TRL).
+  2. The KL reference can be reset to the current policy every `ref_model_sync_steps` (R1 did, every 400).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from r1forge.engine import LLM
+from r1forge.rl.grpo_config import GRPOConfig
+from r1forge.rl.grpo_loss import dynamic_sampling_filter, group_advantages, grpo_loss
+from r1forge.rl.rewards import overlong_penalty
+from r1forge.rl.rollout import RolloutBatch, completion_logprobs, generate_rollouts
+from r1forge.rl.templates import render_prompt
+from r1forge.train.balance import ExpertLoadTracker, update_router_biases
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    format_rate: float
+    mean_length: float
+    num_problems: int
+    completions: list[str]
+    correct: list[bool]
+
+    @property
+    def stderr(self) -> float:
+        p = self.accuracy
+        return (p * (1 - p) / max(self.num_problems, 1)) ** 0.5
+
+
+def _cat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
+    if len(batches) == 1:
+        return batches[0]
+    T = max(b.input_ids.shape[1] for b in batches)
+    L = max(b.completion_ids.shape[1] for b in batches)
+    pad = lambda t, n, v=0: torch.nn.functional.pad(t, (0, n - t.shape[1]), value=v)  # noqa: E731
+    first = batches[0]
+    return RolloutBatch(
+        torch.cat([pad(b.input_ids, T) for b in batches]), torch.cat([b.completion_start for b in batches]),
+        torch.cat([pad(b.completion_ids, L) for b in batches]), torch.cat([pad(b.completion_mask, L) for b in batches]),
+        torch.cat([pad(b.old_logprobs, L) for b in batches]), torch.cat([b.rewards for b in batches]),
+        {k: torch.cat([b.reward_components[k] for b in batches]) for k in first.reward_components},
+        torch.cat([b.truncated for b in batches]), sum((b.prompts for b in batches), []),
+        sum((b.completions for b in batches), []), sum((b.examples for b in batches), []), first.num_generations,
+        first.stats,
+    )
+
+
+class GRPOTrainer:
+    """Trains `model` in place. `examples` are dicts with a "question" and whatever the rewards read ("answer")."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, config: GRPOConfig,
+                 reward_fn: Callable[..., tuple[float, dict[str, float]]], train_examples: list[dict[str, Any]],
+                 llm: LLM | None = None, log: Callable[[int, dict[str, Any]], None] | None = None,
+                 log_completions: Callable[[int, list[dict[str, Any]]], None] | None = None) -> None:
+        if not train_examples:
+            raise ValueError("GRPO needs at least one training example")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.reward_fn = reward_fn
+        self.examples = train_examples
+        self.llm = llm or LLM(model, tokenizer=tokenizer, max_num_seqs=config.prompts_per_step * config.num_generations,
+                              block_size=16)
+        self.log = log or (lambda step, metrics: None)
+        self.log_completions = log_completions or (lambda step, rows: None)
+        self.ref_model = self._frozen_copy() if config.beta > 0 else None
+        self.ref_synced = False  # the reference is no longer the initial policy (ref_model_sync_steps)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                           weight_decay=config.weight_decay)
+        warm = max(config.warmup_steps, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.rng = random.Random(config.seed)
+        self.order: list[int] = []
+        self.step_count = 0
+        self.load_tracker = ExpertLoadTracker(model) if config.bias_update_gamma > 0 else None
+
+    # ------------------------------------------------------------------ resumable state
+    def extra_state(self) -> dict[str, Any]:
+        """What a checkpoint needs beyond weights and optimizer to continue exactly: the prompt order (the
+        rollout seeds derive from the step), and the reference model when it was re-synced since the start."""
+        version, internal, gauss = self.rng.getstate()
+        state: dict[str, Any] = {"order": list(self.order), "rng": [version, list(internal), gauss]}
+        if self.ref_model is not None and self.ref_synced:
+            state["ref_model"] = {k: v.detach().cpu() for k, v in self.ref_model.state_dict().items()}
+        return state
+
+    def load_extra_state(self, step: int, state: dict[str, Any]) -> None:
+        self.step_count = step
+        self.order = [int(i) for i in state["order"]]
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        if self.ref_model is not None and "ref_model" in state:
+            self.ref_model.load_state_dict(state["ref_model"])
+            self.ref_synced = True
+
+    def resume(self, checkpoint: str | os.PathLike) -> None:
+        """Continue from a checkpoint written by `r1forge grpo` (weights, optimizer, scheduler, RNGs, order)."""
+        from r1forge.train.checkpointing import load_training_checkpoint
+
+        state = load_training_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
+        self.load_extra_state(state["step"], state["extra"])
+        self.llm.reset_prefix_cache()
+
+    def _frozen_copy(self) -> torch.nn.Module:
+        ref = copy.deepcopy(self.model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref
+
+    def _next_examples(self, n: int) -> list[dict[str, Any]]:
+        out = []
+        while len(out) < n:
+            if not self.order:
+                self.order = list(range(len(self.examples)))
+                self.rng.shuffle(self.order)
+            out.append(self.examples[self.order.pop()])
+        return out
+
+    # ------------------------------------------------------------------ one step
+    def rollout(self, examples: list[dict[str, Any]], max_len: int, seed: int) -> RolloutBatch:
+        prompts, ids = [], []
+        for ex in examples:
+            text, tok = render_prompt(self.tokenizer, ex["question"], self.config.template)
+            prompts.append(text)
+            ids.append(tok[-self.config.max_prompt_length:])
+        self.model.eval()
+        return generate_rollouts(self.llm, ids, prompts, examples, self.reward_fn, self.config.num_generations,
+                                 max_len, self.config.temperature, self.config.top_p, seed=seed,
+                                 pad_id=self.tokenizer.pad_token_id or 0)
+
+    def step(self) -> dict[str, float]:
+        cfg = self.config
+        G, max_len = cfg.num_generations, cfg.completion_length_at(self.step_count)
+        t0 = time.perf_counter()
+        batches, groups_seen, groups_dropped = [], 0, 0
+        for round_ in range(1 + (cfg.max_resample_rounds if cfg.dynamic_sampling else 0)):
+            batch = self.rollout(self._next_examples(cfg.prompts_per_step), max_len,
+                                 seed=cfg.seed * 1_000_003 + self.step_count * 101 + round_)
+            if cfg.overlong_buffer > 0:
+                lengths = batch.completion_mask.sum(1)
+                batch.rewards = batch.rewards + cfg.overlong_penalty_factor * torch.tensor(
+                    [overlong_penalty(int(n), max_len, cfg.overlong_buffer) for n in lengths])
+            groups_seen += batch.num_completions // G
+            if cfg.dynamic_sampling:
+                keep_groups = dynamic_sampling_filter(batch.rewards, G)
+                groups_dropped += int((~keep_groups).sum())
+                batch = batch.select(keep_groups.repeat_interleave(G))
+            if batch.num_completions:
+                batches.append(batch)
+            if sum(b.num_completions for b in batches) >= cfg.prompts_per_step * G:
+                break
+        rollout_time = time.perf_counter() - t0
+        metrics: dict[str, float] = {"groups_dropped": float(groups_dropped)}
+        if not batches:
+            self.step_count += 1
+            metrics.update(skipped=1.0, zero_std_fraction=1.0)
+            self.log(self.step_count, metrics)
+            return metrics
+        batch = _cat_batches(batches)
+        N = batch.num_completions
+        advantages = group_advantages(batch.rewards, G, cfg.scale_rewards)
+        mask = batch.completion_mask.clone()
+        if cfg.mask_truncated_completions:
+            mask = mask * (~batch.truncated).float()[:, None]
+        t1 = time.perf_counter()
+        self.model.train()
+        loss_metrics: dict[str, float] = {}
+        for _ in range(cfg.num_iterations):
+            loss_metrics = self._optimise(batch, advantages, mask)
+        self.model.eval()
+        self.llm.reset_prefix_cache()
+        self.step_count += 1
+        if self.ref_model is not None and cfg.ref_model_sync_steps and self.step_count % cfg.ref_model_sync_steps == 0:
+            self.ref_model.load_state_dict(self.model.state_dict())
+            self.ref_synced = True
+        train_time = time.perf_counter() - t1
+        r = batch.rewards.view(-1, G)
+        tokens = batch.completion_mask.sum().item()
+        metrics.update(loss_metrics)
+        metrics.update(
+            reward_mean=batch.rewards.mean().item(), reward_std=batch.rewards.std().item() if N > 1 else 0.0,
+            zero_std_fraction=(r.std(1) == 0).float().mean().item() if groups_seen else 0.0,
+            completion_length=batch.completion_mask.sum(1).mean().item(),
+            truncated_fraction=batch.truncated.float().mean().item(),
+            rollout_tokens_per_s=tokens / max(rollout_time, 1e-9), train_tokens_per_s=tokens * cfg.num_iterations
+            / max(train_time, 1e-9), lr=self.scheduler.get_last_lr()[0], max_completion_length=float(max_len),
+        )
+        for name, values in batch.reward_components.items():
+            metrics[f"reward/{name}"] = values.mean().item()
+        self.log(self.step_count, metrics)
+        if cfg.log_completions_every and self.step_count % cfg.log_completions_every == 0:
+            self.log_completions(self.step_count, [
+                {"prompt": batch.prompts[i], "completion": batch.completions[i], "reward": batch.rewards[i].item(),
+                 "answer": batch.examples[i].get("answer")} for i in range(min(N, G))])
+        return metrics
+
+    def _optimise(self, batch: RolloutBatch, advantages: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+        cfg = self.config
+        N = batch.num_completions
+        total_tokens = mask.sum().clamp(min=1)
+        mb = max(1, cfg.micro_batch_size)
+        sums: dict[str, float] = {}
+        entropy_sum = 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        for s in range(0, N, mb):
+            part = batch.select(torch.zeros(N, dtype=torch.bool).index_fill_(0, torch.arange(s, min(s + mb, N)), True))
+            m = mask[s : s + mb]
+            logprobs, entropy = completion_logprobs(self.model, part, cfg.temperature)
+            ref = None
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    ref, _ = completion_logprobs(self.ref_model, part, cfg.temperature)
+            loss, info = grpo_loss(logprobs, part.old_logprobs, advantages[s : s + mb], m, ref_logprobs=ref,
+                                   beta=cfg.beta, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
+                                   loss_type=cfg.loss_type, max_completion_length=m.shape[1])
+            weight = m.sum() / total_tokens if cfg.loss_type in ("bnpo", "dapo") else torch.tensor(part.num_completions / N)
+            (loss * weight).backward()
+            sums["loss"] = sums.get("loss", 0.0) + (loss * weight).item()
+            for k, v in info.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * weight.item()
+            entropy_sum += (entropy * m).sum().item()
+            if self.load_tracker is not None:
+                self.load_tracker.collect()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()
+            if self.load_tracker is not None:  # loads summed over the step's micro-batches
+                update_router_biases(self.model, cfg.bias_update_gamma, self.load_tracker.step_loads())
+        if self.load_tracker is not None:
+            self.load_tracker.end_step(applied=bool(torch.isfinite(grad_norm)))
+        sums["grad_norm"] = grad_norm.item()
+        sums["entropy"] = entropy_sum / total_tokens.item()
+        return sums
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, examples: list[dict[str, Any]], max_tokens: int | None = None) -> EvalResult:
+        return evaluate(self.llm, self.tokenizer, examples, self.config.template,
+                        max_tokens or self.config.completion_length_at(self.step_count))
+
+    def train(self, progress: Callable[[int, dict[str, float]], None] | None = None) -> None:
+        while self.step_count < self.config.steps:
+            metrics = self.step()
+            if progress is not None:
+                progress(self.step_count, metrics)
+
+
+@torch.no_grad()
+def evaluate(llm: LLM, tokenizer: Any, examples: list[dict[str, Any]], template: str, max_tokens: int) -> EvalResult:
+    """Greedy decoding on held-out problems: accuracy, format rate and mean response length (tokens)."""
+    from r1forge.engine import SamplingParams
+    from r1forge.rl.rewards import accuracy_reward, format_reward
+
+    llm.model.eval()
+    prompts, ids = zip(*(render_prompt(tokenizer, ex["question"], template) for ex in examples))
+    outs = llm.generate([list(i) for i in ids], SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    correct, formatted, lengths, texts = [], [], [], []
+    for prompt, ex, out in zip(prompts, examples, outs):
+        text = out.text
+        correct.append(accuracy_reward(prompt, text, **ex) >= 1.0)
+        formatted.append(format_reward(prompt, text, **ex) >= 1.0)
+        lengths.append(len(out.token_ids))
+        texts.append(text)
+    n = len(examples)
+    return EvalResult(sum(correct) / n, sum(formatted) / n, sum(lengths) / n, n, texts, correct)

@@ -1,0 +1,65 @@
+"""PNG curves of a GRPO run from its metrics.jsonl: the R1-Zero signature (reward and accuracy rising, and how
+response length moves with them), plus the optimisation health signals (KL, entropy, clip fraction, zero-variance
+groups). matplotlib with the Agg backend: no display needed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from r1forge.train.metrics import read_metrics
+
+# (file name, title, y label, [(metric key, legend label)])
+_PANELS: list[tuple[str, str, str, list[tuple[str, str]]]] = [
+    ("reward.png", "reward per step (rollouts)", "reward",
+     [("reward_mean", "total reward"), ("reward/accuracy", "accuracy reward"), ("reward/format", "format reward")]),
+    ("accuracy.png", "accuracy", "fraction correct",
+     [("reward/accuracy", "rollout accuracy (sampled)"), ("eval/accuracy", "held-out accuracy (greedy)")]),
+    ("response_length.png", "mean response length", "tokens",
+     [("completion_length", "rollouts"), ("eval/response_length", "held-out (greedy)")]),
+    ("health.png", "optimisation health", "value",
+     [("kl", "KL to reference"), ("entropy", "entropy (nats/token)"), ("clip_ratio/region", "clip fraction"),
+      ("zero_std_fraction", "zero-variance groups")]),
+]
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_grpo_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Write reward.png, accuracy.png, response_length.png and health.png; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    if not any("reward_mean" in r for r in records):
+        raise ValueError(f"{run_dir}: metrics.jsonl has no GRPO records (reward_mean) to plot")
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, title, ylabel, series in _PANELS:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        drawn = 0
+        for key, label in series:
+            steps, values = _series(records, key)
+            if steps:
+                style = "o-" if key.startswith("eval/") else "-"
+                ax.plot(steps, values, style, label=label)
+                drawn += 1
+        if drawn:
+            ax.set_xlabel("GRPO step")
+            ax.set_ylabel(ylabel)
+            ax.set_title(title)
+            ax.legend()
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            written.append(out / name)
+            fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    return written
