@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from conftest import build_hf_model, make_hf_checkpoint
 
 import r1forge
 from r1forge import ModelConfig, count_parameters, kv_cache_bytes_per_token
+from r1forge.accounting import count_parameters_of
 from r1forge.cli import main
 from r1forge.commands.info import mtp_parameters, read_safetensors_header, summarize_checkpoint
 
@@ -45,6 +48,28 @@ def test_counts_match_a_built_model(overrides):
     assert active == total - n_moe * (config.n_routed_experts - config.num_experts_per_tok) * per_expert
     with_mtp = r1forge.build_model(config, with_mtp=True)
     assert count_parameters(config, include_mtp=True)[0] == sum(p.numel() for p in with_mtp.parameters())
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"tie_word_embeddings": True, "num_nextn_predict_layers": 2, "q_lora_rank": None},
+    {"first_k_dense_replace": 3, "num_hidden_layers": 5, "n_shared_experts": None, "num_nextn_predict_layers": 1},
+    {"n_routed_experts": None},  # dense only, also the MTP module
+])
+@pytest.mark.parametrize("include_mtp", [False, True])
+def test_fast_count_equals_the_whole_meta_model(overrides, include_mtp):
+    """One block of each kind (dense, MoE, MTP) times its count == every parameter of the whole model."""
+    config = ModelConfig.from_preset("tiny", **{"num_hidden_layers": 4, "first_k_dense_replace": 1, **overrides})
+    with torch.device("meta"):
+        model = r1forge.DeepseekForCausalLM(config, with_mtp=include_mtp)
+    assert count_parameters(config, include_mtp=include_mtp) == count_parameters_of(model)
+
+
+def test_v3_count_is_fast():
+    config = ModelConfig.from_preset("deepseek-v3")
+    start = time.perf_counter()
+    count_parameters(config, include_mtp=True)
+    assert time.perf_counter() - start < 1.0
 
 
 def test_v3_kv_cache_bytes():

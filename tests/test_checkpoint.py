@@ -693,6 +693,27 @@ def test_save_over_existing_checkpoint_replaces_weights_keeps_other_files(tmp_pa
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_files_get_the_umask_permissions(tmp_path, umask):
+    """Not tempfile's 0o600 (safetensors writes through one): a server under another account must read them."""
+    ckpt = tmp_path / "ckpt"
+    old = os.umask(umask)
+    try:
+        save_checkpoint(ToyModel(seed=1), ckpt)
+        modes = {p.name: p.stat().st_mode & 0o777 for p in ckpt.iterdir()}
+        save_checkpoint(ToyModel(seed=2), ckpt, max_shard_size=1000)  # sharded, over the existing checkpoint
+        sharded = {p.name: p.stat().st_mode & 0o777 for p in ckpt.iterdir()}
+    finally:
+        os.umask(old)
+    assert sorted(modes) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert len(sharded) > 4 and "model.safetensors.index.json" in sharded
+    for name, mode in {**modes, **sharded}.items():
+        assert mode == 0o666 & ~umask, (name, oct(mode))
+    if umask == 0o022:
+        assert modes["model.safetensors"] & 0o044 == 0o044 and modes["config.json"] & 0o044 == 0o044
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
 def test_failed_save_leaves_old_checkpoint_intact(tmp_path, monkeypatch, exchange):
     ckpt = tmp_path / "ckpt"

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import randomise_
 
 import r1forge
@@ -275,6 +276,22 @@ def test_bf16_model_keeps_router_in_float32():
     with torch.no_grad():
         logits = model(torch.randint(0, 128, (2, 7)))
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+@pytest.mark.parametrize("scoring_func", ["sigmoid", "softmax"])
+def test_router_scores_stay_float32_under_autocast(scoring_func):
+    """Autocast would run the router's matmul in bf16: scores that move by ~1e-2 flip near-tied top-k choices."""
+    router = Router(tiny_config(scoring_func=scoring_func))
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x = torch.randn(33, router.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    plain = router.scores(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.linear(x, router.weight).dtype == torch.bfloat16  # what an unprotected router would get
+        scores = router.scores(x)
+        ids, weights, _ = router(x.bfloat16())
+    assert scores.dtype == torch.float32 and weights.dtype == torch.float32
+    torch.testing.assert_close(scores, plain, rtol=0, atol=0)
+    torch.testing.assert_close(ids, router(x.bfloat16())[0], rtol=0, atol=0)
 
 
 def _training_loss(model, ids: torch.Tensor, mtp_weight: float = 0.3) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import r1forge
 from r1forge.data import load_tokenizer, train_tokenizer
 from r1forge.serve import BackgroundServer, ServerConfig
-from r1forge.serve.server import ServingAsyncLLM
+from r1forge.engine.async_llm import AsyncLLM
 
 API_KEY = "test-key"
 MODEL = "tiny-r1"
@@ -86,7 +86,7 @@ def start_server(tokenizer_dir: Path, max_waiting: int = 256, **config: Any) -> 
     script_outputs(llm)
     defaults = dict(model_name=MODEL, port=0, api_key=API_KEY, max_n=8, max_tokens=400, max_body_bytes=64 * 1024,
                     shutdown_timeout=2.0, log_level="warning")
-    return BackgroundServer(ServingAsyncLLM(llm, max_waiting=max_waiting), ServerConfig(**{**defaults, **config}))
+    return BackgroundServer(AsyncLLM(llm, max_waiting=max_waiting), ServerConfig(**{**defaults, **config}))
 
 
 @pytest.fixture(scope="module")

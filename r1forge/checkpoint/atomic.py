@@ -27,6 +27,7 @@ import errno
 import os
 import secrets
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -51,6 +52,30 @@ def make_staging_dir(target: Path) -> Path:
             return staging
         except FileExistsError:
             continue
+
+
+def new_file_mode(directory: Path) -> int:
+    """The permissions a plain open() gives a new file in `directory`: 0o666 less the umask (or what a default
+    ACL says). Found by creating a probe file: reading the umask with os.umask means changing it, process-wide."""
+    probe = directory / f".mode-probe-{secrets.token_hex(4)}"
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        return stat.S_IMODE(os.stat(probe).st_mode)
+    finally:
+        os.unlink(probe)
+
+
+def apply_umask(staging: Path) -> None:
+    """Give the files written into `staging` the permissions of a plain open() (typically 0o644).
+
+    safetensors' save_file writes through a temporary file and leaves 0o600, which other users (a server
+    running as another account, a shared cache) cannot read; torch.save and transformers give the umask's mode.
+    Call before `replace_directory`: files carried over from the target are hard links and keep their modes.
+    """
+    mode = new_file_mode(staging)
+    for entry in staging.iterdir():
+        if entry.is_file() and not entry.is_symlink() and stat.S_IMODE(entry.stat().st_mode) != mode:
+            os.chmod(entry, mode)
 
 
 def fsync_path(path: Path) -> None:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from r1forge.checkpoint.atomic import fsync_path, make_staging_dir, replace_directory
+from r1forge.checkpoint.atomic import apply_umask, fsync_path, make_staging_dir, replace_directory
 from r1forge.checkpoint.errors import CheckpointError
 from r1forge.checkpoint.keys import (
     EMBED_KEY,
@@ -214,6 +214,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, max_shard_size: int |
         config.save_json(staging / "config.json")
         fsync_path(staging / "config.json")
         _write_json(_generation_config(config, target / "generation_config.json"), staging / "generation_config.json")
+        apply_umask(staging)
         replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

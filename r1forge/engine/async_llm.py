@@ -2,8 +2,13 @@
 
 One thread owns the engine and steps it while any request is live; asyncio callers talk to it through a
 command queue and receive deltas through per-request asyncio queues. All requests share one engine and
-so one continuous batch. Cancelling the consumer of `generate` (a client disconnect) aborts the request,
-which frees its cache blocks at the next step.
+so one continuous batch. What a caller can rely on:
+- a request's stream ends only after every one of its n completions has sent its final delta (with a
+  finish_reason: "stop", "length", or "abort" when it was cancelled or cut by a shutdown);
+- leaving `generate` early in any way (breaking out, closing the generator, cancelling the task, even
+  before the first delta) aborts the request, which frees its cache blocks at once;
+- `stats()` is refreshed after every step and every batch of commands (an abort included);
+- `is_running` / `errored` / `dead_error` say whether the engine loop is alive (the server's /health).
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ class EngineDeadError(RuntimeError):
     """The engine thread stopped (shutdown or an internal error)."""
 
 
+def _submitted(fut: Future) -> bool:
+    """Whether an "add" command reached the engine and was not refused (or may still be being added)."""
+    return not fut.cancelled() and (not fut.done() or fut.exception() is None)
+
+
 class AsyncLLM:
     def __init__(self, llm: LLM, max_waiting: int = 256) -> None:
         self.llm = llm
@@ -38,6 +48,8 @@ class AsyncLLM:
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
+        self._lock = threading.Lock()  # orders queueing a command against the engine thread's exit
+        self._closed = False  # the engine thread has ended: nothing reads the command queue any more
         self._stopping = False
         self._error: BaseException | None = None
         self._stats: dict[str, float] = self.engine.stats()
@@ -48,35 +60,58 @@ class AsyncLLM:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def is_running(self) -> bool:
+        """Whether the engine loop is alive and taking requests (False after shutdown() or a failure)."""
+        return self._thread.is_alive() and not self._closed and not self._stopping and self._error is None
+
+    @property
+    def errored(self) -> bool:
+        """Whether the engine loop died of an exception (`dead_error`)."""
+        return self._error is not None
+
+    @property
+    def dead_error(self) -> BaseException | None:
+        """The exception that ended the engine loop, or None."""
+        return self._error
+
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
         try:
             while True:
-                self._drain_commands()
-                if self._stopping and not self.engine.has_unfinished():
-                    break
+                if self._drain_commands():
+                    self._stats = self.engine.stats()
                 if not self.engine.has_unfinished():
+                    if self._stopping:
+                        break
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
-                for delta in self.engine.step():
-                    self._deliver(delta)
+                self._deliver(self.engine.step())
                 self._stats = self.engine.stats()
         except BaseException as e:  # an engine bug must not leave clients hanging forever
             self._error = e
-            for loop, q in list(self._streams.values()):
-                loop.call_soon_threadsafe(q.put_nowait, e)
+            for rid in list(self._streams):
+                self._send(rid, e)
         finally:
+            with self._lock:
+                self._closed = True
+            self._refuse_commands()
             self._stats = self.engine.stats()
 
-    def _drain_commands(self) -> None:
+    def _drain_commands(self) -> int:
+        """Run the queued commands; returns how many there were."""
+        count = 0
         while True:
             try:
                 kind, payload = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return count
+            count += 1
             if kind == "add":
                 prompt, params, rid, fut = payload
+                if not fut.set_running_or_notify_cancel():  # the caller gave up before the engine got to it
+                    continue
                 try:
                     waiting = len(self.engine.scheduler.waiting)
                     if waiting >= self.max_waiting:
@@ -87,44 +122,71 @@ class AsyncLLM:
                     self._streams.pop(rid, None)
                     fut.set_exception(e)
             elif kind == "abort":
-                self.engine.abort(payload)
-                target = self._streams.pop(payload, None)
-                if target is not None:  # tell a still-listening consumer (e.g. on shutdown) that it ended
-                    loop, q = target
-                    loop.call_soon_threadsafe(q.put_nowait, StreamDelta(payload, 0, [], "", finish_reason="abort"))
-                    loop.call_soon_threadsafe(q.put_nowait, None)
+                self._deliver(self.engine.abort(payload))  # a final "abort" delta for each unfinished completion
+                self._end(payload)
 
-    def _deliver(self, delta: StreamDelta) -> None:
-        target = self._streams.get(delta.request_id)
+    def _refuse_commands(self) -> None:
+        """After the loop ended: fail the adds still queued, whose callers would otherwise wait forever."""
+        while True:
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                _, _, rid, fut = payload
+                self._streams.pop(rid, None)
+                if fut.set_running_or_notify_cancel():
+                    fut.set_exception(EngineDeadError(f"engine is not running: {self._error!r}"))
+
+    def _deliver(self, deltas: list[StreamDelta]) -> None:
+        """Hand each delta to its stream; then end the streams of the requests that finished. Ending them only
+        after the whole batch matters for n > 1: the completions that finish in the same step all get their
+        final delta."""
+        for delta in deltas:
+            self._send(delta.request_id, delta)
+        for rid in dict.fromkeys(d.request_id for d in deltas):
+            req = self.engine.requests.get(rid)
+            if req is not None and req.finished:
+                del self.engine.requests[rid]
+                self._end(rid)
+
+    def _end(self, request_id: str) -> None:
+        self._send(request_id, None)
+        self._streams.pop(request_id, None)
+
+    def _send(self, request_id: str, item: StreamDelta | BaseException | None) -> None:
+        target = self._streams.get(request_id)
         if target is None:
             return
         loop, q = target
-        req = self.engine.requests.get(delta.request_id)
-        finished = req is not None and req.finished
-        loop.call_soon_threadsafe(q.put_nowait, delta)
-        if finished:
-            loop.call_soon_threadsafe(q.put_nowait, None)
-            self._streams.pop(delta.request_id, None)
-            self.engine.requests.pop(delta.request_id, None)
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody listens, so stop generating
+            self._streams.pop(request_id, None)
+            self._commands.put(("abort", request_id))
 
     # ------------------------------------------------------------------ asyncio side
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[StreamDelta]:
-        """Stream the deltas of every completion of one request; raises ValueError for invalid input."""
-        if self._error is not None or not self._thread.is_alive():
-            raise EngineDeadError(f"engine is not running: {self._error!r}")
-        if self._stopping:
-            raise EngineDeadError("server is shutting down")
+        """Stream the deltas of every completion of one request; raises ValueError for invalid input,
+        QueueFullError when too many requests wait, EngineDeadError when the engine is not running."""
         rid = request_id or f"req-{uuid.uuid4().hex}"
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        self._streams[rid] = (loop, q)
         fut: Future = Future()
-        self._commands.put(("add", (prompt, params, rid, fut)))
+        with self._lock:
+            if self._error is not None or self._closed:
+                raise EngineDeadError(f"engine is not running: {self._error!r}")
+            if self._stopping:
+                raise EngineDeadError("engine is shutting down")
+            if rid in self._streams:
+                raise ValueError(f"request id {rid!r} is already in use")
+            self._streams[rid] = (loop, q)
+            self._commands.put(("add", (prompt, params, rid, fut)))
         self._wake.set()
-        await asyncio.wrap_future(fut)
         finished = False
         try:
+            await asyncio.wrap_future(fut)
             while True:
                 item = await q.get()
                 if item is None:
@@ -135,10 +197,17 @@ class AsyncLLM:
                 yield item
         finally:
             if not finished:
-                self.abort(rid)
+                if _submitted(fut):
+                    self.abort(rid)  # queued after the add, so it finds the request even if the add is under way
+                else:  # refused (the engine dropped the stream) or never taken by the engine
+                    self._streams.pop(rid, None)
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        """Cancel a request; its stream ends with a final "abort" delta for each unfinished completion."""
+        with self._lock:
+            if self._closed:
+                return
+            self._commands.put(("abort", request_id))
         self._wake.set()
 
     def stats(self) -> dict[str, float]:

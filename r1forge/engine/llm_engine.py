@@ -104,29 +104,32 @@ class LLMEngine:
         req.seqs.append(seq)
         req.emitted[seq.index] = 0
 
-    def abort(self, request_id: str) -> None:
-        """Cancel a request: its sequences finish with reason "abort" and their blocks return to the pool now."""
-        req = self.requests.pop(request_id, None)
+    def abort(self, request_id: str) -> list[StreamDelta]:
+        """Cancel a request: its unfinished completions (also those not yet forked) finish with reason "abort"
+        and their blocks return to the pool now. Returns their final deltas; the request is forgotten."""
+        req = self.requests.get(request_id)
         if req is None:
-            return
-        for seq in req.seqs:
+            return []
+        deltas = []
+        for seq in list(req.seqs):  # _finish may append the siblings still to fork; they are finished already
             if not seq.is_finished:
-                seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+                deltas += self._finish(seq, "abort", None, [])
+        del self.requests[request_id]
+        return deltas
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[StreamDelta]:
-        """One scheduling round and one forward. Returns a delta for every completion that progressed."""
+        """One scheduling round and one forward. Returns a delta for every completion that progressed or ended."""
         batch = self.scheduler.schedule()
         deltas: list[StreamDelta] = []
         if not batch.seqs:
             if self.scheduler.waiting and not self.scheduler.running:
                 # The head of the queue cannot fit even in an empty pool: end it rather than spin forever.
                 seq = self.scheduler.waiting[0]
-                deltas.append(self._finish(seq, "length", None, []))
+                deltas += self._finish(seq, "length", None, [])
             return deltas
         seqs, logits = self.runner.execute(batch)
         for seq in batch.seqs:
@@ -150,11 +153,11 @@ class LLMEngine:
         result = sample(logits[rows], group)
         now = time.monotonic()
         for j, seq in enumerate(group):
-            deltas.append(self._append(seq, result.token_ids[j], result.logprobs[j], result.top_logprobs[j], now))
+            deltas += self._append(seq, result.token_ids[j], result.logprobs[j], result.top_logprobs[j], now)
         return deltas
 
     def _append(self, seq: Sequence, token: int, logprob: float, top: dict[int, float] | None,
-                now: float) -> StreamDelta:
+                now: float) -> list[StreamDelta]:
         p = seq.params
         seq.token_ids.append(token)
         self.num_generated_tokens += 1
@@ -176,7 +179,7 @@ class LLMEngine:
             reason = "stop" if stop_reason is not None else None
         if reason is None and (seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len):
             reason = "length"
-        return self._finish(seq, reason, stop_reason, [token]) if reason else self._delta(seq, [token])
+        return self._finish(seq, reason, stop_reason, [token]) if reason else [self._delta(seq, [token])]
 
     def _cut_at_stop(self, seq: Sequence) -> str | None:
         """Find a stop string in the text's tail; cut the text before it (or after, if kept)."""
@@ -210,19 +213,23 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
         )
 
-    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None, new_tokens: list[int]) -> StreamDelta:
+    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None,
+                new_tokens: list[int]) -> list[StreamDelta]:
+        """End a completion; returns its final delta, and one for each sibling it had still to fork."""
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
+        deltas = [self._delta(seq, new_tokens)]
         if seq.pending_forks:
-            # A request ended before its prefill finished (cache exhausted): its siblings end the same way.
+            # The request ended before its prefill finished (aborted, or the cache cannot hold it): the
+            # siblings end the same way, each with its own final delta, so all n completions have a reason.
             req = self.requests[seq.request_id]
             for k in range(1, seq.pending_forks + 1):
-                child = seq.fork(k, None)
+                child = seq.fork(k, None)  # FINISHED like seq, holding no blocks
                 child.finish_reason = reason
-                child.status = seq.status
                 self._attach(child, req)
+                deltas.append(self._delta(child, []))
             seq.pending_forks = 0
-        return self._delta(seq, new_tokens)
+        return deltas
 
     # ------------------------------------------------------------------ results
     def request_output(self, request_id: str) -> RequestOutput:

@@ -55,9 +55,10 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", bias, persistent=bias is not None)
 
     def scores(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """Router scores s [T, E] in float32."""
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
-        return logits_TE.sigmoid() if self.scoring_func == "sigmoid" else logits_TE.softmax(dim=-1)
+        """Router scores s [T, E] in float32, also under autocast (which would run the matmul in bf16/fp16)."""
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
+            return logits_TE.sigmoid() if self.scoring_func == "sigmoid" else logits_TE.softmax(dim=-1)
 
     def _group_mask(self, choice_TE: torch.Tensor, group_score: str) -> torch.Tensor:
         """Keep the topk_group best groups per token; mask the others' experts to -inf."""

@@ -13,7 +13,6 @@ from typing import Any
 _EXPORTS = {
     "create_app": "r1forge.serve.app",
     "ServerConfig": "r1forge.serve.server",
-    "ServingAsyncLLM": "r1forge.serve.server",
     "BackgroundServer": "r1forge.serve.server",
     "build_engine": "r1forge.serve.server",
     "sampling_defaults": "r1forge.serve.server",

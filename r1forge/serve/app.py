@@ -302,13 +302,6 @@ def _json(model: BaseModel, status: int = 200) -> Response:
     return Response(model.model_dump_json(), status, media_type="application/json")
 
 
-def engine_alive(engine: AsyncLLM) -> bool:
-    """Whether the engine thread runs and takes requests (AsyncLLM has no public flag for it yet)."""
-    thread = getattr(engine, "_thread", None)
-    return (thread is not None and thread.is_alive() and getattr(engine, "_error", None) is None
-            and not getattr(engine, "_stopping", False))
-
-
 class _Handlers:
     """The two generation endpoints; everything they share (engine, limits, metrics) lives here."""
 
@@ -432,8 +425,7 @@ class _Handlers:
 def create_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
     """The OpenAI-compatible app over a running engine (its tokenizer needs a chat template for chat).
 
-    The caller owns the engine: `serve` / `BackgroundServer` shut it down. Pass a `ServingAsyncLLM` (see
-    server.py) so that n > 1 streams get every completion's last token.
+    The caller owns the engine: `serve` / `BackgroundServer` shut it down.
     """
     if engine.tokenizer is None:
         raise ValueError("the engine has no tokenizer: the server needs one for text prompts and the chat template")
@@ -468,7 +460,7 @@ def create_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        ok = engine_alive(engine)
+        ok = engine.is_running  # False once the engine loop died or the server is shutting down
         return JSONResponse({"status": "ok" if ok else "unavailable"}, 200 if ok else 503)
 
     @app.get("/metrics")

@@ -1,6 +1,6 @@
 """The engine and process side of `r1forge serve` (app.py is the OpenAI wire side).
 
-- `ServerConfig`, and `ServingAsyncLLM`: the shared engine, with two fixes to AsyncLLM the server needs.
+- `ServerConfig`, and `build_engine`: the shared engine, an `AsyncLLM`.
 - `EngineRun`: the engine requests behind one HTTP request (one per prompt), submitted together, merged into one
   stream, and always cleaned up: whenever the HTTP request ends early (client disconnect while streaming or
   waiting, cancellation, error) its engine requests are aborted and their cache blocks freed. Every path goes
@@ -95,43 +95,6 @@ def sampling_defaults(model_dir: str | os.PathLike) -> dict[str, Any]:
     return defaults
 
 
-class ServingAsyncLLM(AsyncLLM):
-    """`AsyncLLM` with two fixes the server needs; drop this class once AsyncLLM has them.
-
-    1. A request's stream ends only after every delta of the step that finished it. `AsyncLLM._deliver` ends
-       it at the first delta of that step, so when n > 1 completions finish in the same step (the usual case
-       with a shared max_tokens) the others' last deltas (a token, its text, the finish reason) are dropped.
-       Here a finished request's stream is ended at the top of the next engine-loop iteration.
-    2. `stats()` is refreshed after commands too, not only after steps: an abort that leaves the engine idle
-       (the last client hung up) otherwise leaves the running count and cache usage stale until the next request.
-    """
-
-    def __init__(self, llm: LLM, max_waiting: int = 256) -> None:
-        self._ending: dict[str, None] = {}  # before super().__init__: the engine thread starts there
-        super().__init__(llm, max_waiting)
-
-    def _deliver(self, delta: StreamDelta) -> None:
-        target = self._streams.get(delta.request_id)
-        if target is None:
-            return
-        loop, q = target
-        loop.call_soon_threadsafe(q.put_nowait, delta)
-        req = self.engine.requests.get(delta.request_id)
-        if req is not None and req.finished:
-            self._ending[delta.request_id] = None
-
-    def _drain_commands(self) -> None:
-        for rid in list(self._ending):
-            target = self._streams.pop(rid, None)
-            if target is not None:
-                loop, q = target
-                loop.call_soon_threadsafe(q.put_nowait, None)
-            self.engine.requests.pop(rid, None)
-        self._ending.clear()
-        pending = not self._commands.empty()
-        super()._drain_commands()
-        if pending:
-            self._stats = self.engine.stats()
 
 
 # ---------------------------------------------------------------- one HTTP request on the engine
@@ -182,7 +145,6 @@ class Job:
         self.first_token_time: float | None = None
         self.end_time: float | None = None
         self.num_tokens: dict[int, int] = {}  # completion index -> output tokens so far
-        self.finish_reasons: dict[int, str] = {}  # completion index -> how it ended
         self.done = False
 
 
@@ -241,30 +203,19 @@ class EngineRun:
 
     async def deltas(self) -> AsyncIterator[tuple[int, StreamDelta]]:
         """(job index, delta) in arrival order until every job ended; raises EngineDeadError if the engine died.
-
-        A completion whose stream ended without its own finishing delta (the engine ends the siblings of a
-        request cut short before its prefill finished without one) gets a synthetic one, with the reason of
-        its siblings, so that every choice has a finish_reason.
-        """
+        Every completion's last delta has its finish_reason (AsyncLLM ends a stream only after all n)."""
         pending = len(self.jobs)
         while pending:
             i, item = await self._queue.get()
             job = self.jobs[i]
             if item is None:
                 job.done, job.end_time, pending = True, time.monotonic(), pending - 1
-                reason = next(iter(job.finish_reasons.values()), "length")
-                for index in range(job.params.n):
-                    if index not in job.finish_reasons:
-                        job.finish_reasons[index] = reason
-                        yield i, StreamDelta(job.request_id, index, [], "", finish_reason=reason)
                 continue
             if isinstance(item, BaseException):
                 raise item
             if item.token_ids:
                 job.first_token_time = job.first_token_time or time.monotonic()
                 job.num_tokens[item.index] = job.num_tokens.get(item.index, 0) + len(item.token_ids)
-            if item.finish_reason is not None:
-                job.finish_reasons[item.index] = item.finish_reason
             yield i, item
 
     def close(self) -> None:
@@ -370,11 +321,11 @@ def _uvicorn_config(app: Any, config: ServerConfig) -> uvicorn.Config:
 
 
 def build_engine(model_dir: str | os.PathLike, max_waiting: int = 256, **llm_kwargs: Any) -> AsyncLLM:
-    """Load a checkpoint (and its tokenizer) into a `ServingAsyncLLM`; `llm_kwargs` go to `LLM`."""
+    """Load a checkpoint (and its tokenizer) into an `AsyncLLM`; `llm_kwargs` go to `LLM`."""
     llm = LLM(model_dir, **llm_kwargs)
     if llm.tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer.json: the server needs a tokenizer and chat template")
-    return ServingAsyncLLM(llm, max_waiting=max_waiting)
+    return AsyncLLM(llm, max_waiting=max_waiting)
 
 
 def serve(engine: AsyncLLM, config: ServerConfig) -> None:
