@@ -319,7 +319,7 @@ def _english_paragraph(rng: random.Random) -> str:
 
 
 def make_pretrain_corpus(n_docs: int, seed: int, problem_fraction: float = 0.7, min_steps: int = 1,
-                         max_steps: int = 3) -> list[str]:
+                         max_steps: int = 3, max_operand: int = 99) -> list[str]:
     """Documents for tokenizer training and pretraining: worked train-split problems and templated English.
 
     A problem document holds one to three worked problems (`pretrain_text`), an English one two to six simple
@@ -329,6 +329,6 @@ def make_pretrain_corpus(n_docs: int, seed: int, problem_fraction: float = 0.7, 
         raise ValueError(f"problem_fraction must be in [0, 1], got {problem_fraction}")
     rng = random.Random(f"r1forge-corpus:{seed}")
     counts = [rng.randint(1, 3) if rng.random() < problem_fraction else 0 for _ in range(n_docs)]
-    problems = iter(make_problems(sum(counts), seed, "train", min_steps, max_steps))
+    problems = iter(make_problems(sum(counts), seed, "train", min_steps, max_steps, max_operand))
     return ["\n\n".join(pretrain_text(next(problems)) for _ in range(c)) if c else _english_paragraph(rng)
             for c in counts]

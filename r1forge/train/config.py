@@ -104,6 +104,9 @@ class PretrainDataConfig:
     eval_fraction: float = 0.05  # rows of `files` held out for evaluation when eval_files is empty
     synthetic_docs: int = 4000  # documents of the built-in arithmetic corpus (when files is empty)
     synthetic_eval_problems: int = 200  # held-out test-split problems evaluated on (when files is empty)
+    min_steps: int = 1  # built-in problems: fewest solution steps
+    max_steps: int = 3  # built-in problems: most solution steps
+    max_operand: int = 99  # built-in problems: largest starting number or operand
     seq_len: int = 128  # tokens per packed row
 
     def validate(self, prefix: str = "data") -> None:
@@ -122,6 +125,9 @@ class SFTDataConfig:
     eval_files: list[str] = field(default_factory=list)  # held-out chat JSONL; empty: test-split problems
     synthetic_problems: int = 2000  # built-in <think>/<answer> conversations (when files is empty)
     synthetic_eval_problems: int = 100  # held-out built-in conversations (when eval_files is empty)
+    min_steps: int = 1  # built-in problems: fewest solution steps
+    max_steps: int = 3  # built-in problems: most solution steps
+    max_operand: int = 99  # built-in problems: largest starting number or operand
     max_len: int = 256  # longest conversation (or packed row) in tokens
     packing: bool = False  # pack conversations into rows of max_len
 

@@ -41,7 +41,8 @@ class RowSubset:
 
 def pretrain_texts(cfg: PretrainDataConfig, seed: int) -> list[str] | None:
     """The built-in corpus when no files are given (also what a tokenizer is trained on), else None."""
-    return None if cfg.files else make_pretrain_corpus(cfg.synthetic_docs, seed)
+    return None if cfg.files else make_pretrain_corpus(cfg.synthetic_docs, seed, min_steps=cfg.min_steps,
+                                                        max_steps=cfg.max_steps, max_operand=cfg.max_operand)
 
 
 def pretrain_datasets(cfg: PretrainDataConfig, tokenizer: Tokenizer, seed: int,
@@ -50,7 +51,8 @@ def pretrain_datasets(cfg: PretrainDataConfig, tokenizer: Tokenizer, seed: int,
     if not cfg.files:
         texts = texts if texts is not None else pretrain_texts(cfg, seed)
         train = PretrainDataset(tokenizer, cfg.seq_len, texts=texts, seed=seed)
-        problems = make_problems(cfg.synthetic_eval_problems, seed, "test")
+        problems = make_problems(cfg.synthetic_eval_problems, seed, "test", cfg.min_steps, cfg.max_steps,
+                                 cfg.max_operand)
         held_out = PretrainDataset(tokenizer, cfg.seq_len, texts=[pretrain_text(p) for p in problems], seed=None)
         return train, held_out
     train = PretrainDataset(tokenizer, cfg.seq_len, files=cfg.files, seed=seed)
@@ -65,9 +67,11 @@ def pretrain_datasets(cfg: PretrainDataConfig, tokenizer: Tokenizer, seed: int,
 
 def sft_records(cfg: SFTDataConfig, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Built-in (train, held-out) conversations, used where no files are given."""
-    train = [] if cfg.files else [{"messages": sft_messages(p)} for p in make_problems(cfg.synthetic_problems, seed)]
+    shape = (cfg.min_steps, cfg.max_steps, cfg.max_operand)
+    train = [] if cfg.files else [{"messages": sft_messages(p)}
+                                  for p in make_problems(cfg.synthetic_problems, seed, "train", *shape)]
     held_out = [] if cfg.eval_files else [{"messages": sft_messages(p)}
-                                          for p in make_problems(cfg.synthetic_eval_problems, seed, "test")]
+                                          for p in make_problems(cfg.synthetic_eval_problems, seed, "test", *shape)]
     return train, held_out
 
 

@@ -1,0 +1,268 @@
+"""`make demo`: the R1 recipe end to end on a laptop CPU, with nothing downloaded.
+
+Stages (each cached under OUT_DIR; a second run skips finished ones, an interrupted one resumes):
+  1. tokenizer + pretraining: a tiny MLA + DeepSeekMoE model on the built-in arithmetic corpus;
+  2. cold-start SFT on a small set of `<think>` / `<answer>` chain-of-thought conversations;
+  3. evaluation before RL: greedy accuracy, format rate and response length on held-out test-split problems
+     (never in any training data), plus pass@1 / pass@k of sampled answers: the headroom RL can sharpen;
+  4. GRPO (the R1 recipe's RL stage) with the accuracy + format rewards, on train-split problems;
+  5. evaluation after RL on the same held-out problems; a before/after table, plots, a sample trace.
+
+Why the task is built this way: tiny models rarely learn to reason from RL alone. Here pretraining teaches the
+arithmetic, and a deliberately short cold start teaches the output format; the SFT model then samples correct
+answers far more often than its greedy answer is correct (pass@k >> pass@1), which is what GRPO turns into
+greedy accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r1forge.rl.grpo_run import GRPORunConfig, grpo_examples, run_grpo
+from r1forge.train.config import PretrainRunConfig, SFTRunConfig, config_from_dict
+
+DONE_FILE = "DONE.json"
+
+PRETRAIN: dict[str, Any] = {
+    "seed": 0,
+    "model": {"preset": "tiny", "mtp": True},
+    "data": {"vocab_size": 512, "synthetic_docs": 4000, "synthetic_eval_problems": 200, "seq_len": 128},
+    "train": {"steps": 1500, "batch_size": 16, "lr": 3.0e-3, "min_lr_ratio": 0.1, "warmup_steps": 30,
+              "weight_decay": 0.1, "bias_update_gamma": 1.0e-3, "mtp_lambda": 0.3, "device": "cpu"},
+    "log": {"log_every": 25, "eval_every": 500, "eval_batches": 10, "save_every": 500, "keep_last": 1},
+}
+SFT: dict[str, Any] = {
+    "seed": 0,
+    "model": {"mtp": False},
+    "data": {"synthetic_problems": 400, "synthetic_eval_problems": 100, "max_len": 192},
+    "train": {"steps": 60, "batch_size": 16, "lr": 1.0e-3, "min_lr_ratio": 0.1, "warmup_steps": 10,
+              "weight_decay": 0.0, "bias_update_gamma": 1.0e-3, "mtp_lambda": 0.0, "device": "cpu"},
+    "log": {"log_every": 10, "eval_every": 0, "eval_batches": 5, "save_every": 0, "keep_last": 1},
+}
+GRPO: dict[str, Any] = {
+    "seed": 0,
+    "device": "cpu",
+    "data": {"synthetic_problems": 3000, "synthetic_eval_problems": 500},
+    "rewards": {"accuracy": 1.0, "format": 0.2},
+    "grpo": {"steps": 60, "prompts_per_step": 16, "num_generations": 8, "max_completion_length": 64,
+             "temperature": 1.0, "learning_rate": 5.0e-4, "warmup_steps": 5, "beta": 0.0, "loss_type": "dapo",
+             "epsilon_low": 0.2, "epsilon_high": 0.28, "scale_rewards": "group", "template": "chat",
+             "micro_batch_size": 64, "bias_update_gamma": 1.0e-3, "log_completions_every": 10},
+    "log": {"eval_every": 0, "eval_problems": 500, "eval_before": False, "save_every": 20, "keep_last": 1,
+            "tensorboard": True, "progress": True, "plots": True},
+}
+PASS_AT_K = 8
+PASS_AT_K_PROBLEMS = 200
+
+
+@dataclass
+class StageTimer:
+    name: str
+    seconds: float = 0.0
+
+
+def _done(stage_dir: Path) -> dict[str, Any] | None:
+    marker = stage_dir / DONE_FILE
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def _mark_done(stage_dir: Path, info: dict[str, Any]) -> None:
+    tmp = stage_dir / (DONE_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1))
+    tmp.replace(stage_dir / DONE_FILE)
+
+
+def _banner(text: str) -> None:
+    print(f"\n=== {text} " + "=" * max(0, 100 - len(text)), flush=True)
+
+
+def _pass_at_k(llm: Any, tokenizer: Any, examples: list[dict[str, Any]], k: int, max_tokens: int,
+               seed: int = 0) -> tuple[float, float]:
+    """(pass@1, pass@k) of temperature-1 samples: the unbiased estimator with n = k samples per problem."""
+    from r1forge.engine import SamplingParams
+    from r1forge.rl.rewards import accuracy_reward
+    from r1forge.rl.templates import render_prompt
+
+    rendered = [render_prompt(tokenizer, ex["question"], "chat") for ex in examples]
+    params = [SamplingParams(n=k, temperature=1.0, max_tokens=max_tokens, seed=seed + i) for i in range(len(examples))]
+    outs = llm.generate([ids for _, ids in rendered], params)
+    p1, pk = 0.0, 0.0
+    for (prompt, _), ex, out in zip(rendered, examples, outs):
+        correct = [accuracy_reward(prompt, c.text, **ex) >= 1.0 for c in out.outputs]
+        p1 += sum(correct) / k
+        pk += float(any(correct))
+    return p1 / len(examples), pk / len(examples)
+
+
+def _evaluate_checkpoint(model_dir: Path, examples: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
+    from r1forge.data import load_tokenizer
+    from r1forge.engine import LLM
+    from r1forge.loading import load_model
+    from r1forge.rl.grpo_trainer import evaluate
+
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, device="cpu")
+    llm = LLM(model, tokenizer=tokenizer, max_num_seqs=256, block_size=16)
+    t0 = time.perf_counter()
+    result = evaluate(llm, tokenizer, examples, "chat", max_tokens)
+    greedy_s = time.perf_counter() - t0
+    p1, pk = _pass_at_k(llm, tokenizer, examples[:PASS_AT_K_PROBLEMS], PASS_AT_K, max_tokens)
+    sample = next((i for i, ok in enumerate(result.correct) if ok), 0)
+    return {"accuracy": result.accuracy, "stderr": result.stderr, "format_rate": result.format_rate,
+            "response_length": result.mean_length, "problems": result.num_problems, "pass@1": p1,
+            f"pass@{PASS_AT_K}": pk, "greedy_seconds": greedy_s, "sample_question": examples[sample]["question"],
+            "sample_answer": examples[sample]["answer"], "sample_completion": result.completions[sample],
+            "correct": result.correct}
+
+
+def _newest_model(run_dir: Path) -> Path:
+    from r1forge.train.checkpointing import resolve_model_dir
+
+    return resolve_model_dir(run_dir)
+
+
+def run_demo(out_dir: str | Path = "runs/demo", grpo_steps: int | None = None,
+             overrides: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Run (or continue) every stage; print the before/after table; return the numbers.
+
+    Args:
+        out_dir: every stage writes under it; a stage with a DONE.json there is skipped.
+        grpo_steps: GRPO steps instead of the demo's own.
+        overrides: dotted config overrides per stage ("pretrain", "sft", "grpo"), as on the command line,
+            e.g. {"pretrain": ["--train.steps", "100"]}; the evaluation set is the grpo stage's held-out data.
+    """
+    from r1forge.train import run_pretrain, run_sft
+    from r1forge.train.config import apply_overrides
+
+    overrides = overrides or {}
+    unknown = set(overrides) - {"pretrain", "sft", "grpo"}
+    if unknown:
+        raise ValueError(f"overrides: unknown stage(s) {sorted(unknown)}; stages are pretrain, sft, grpo")
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    # 1. tokenizer + pretraining
+    pre_dir = out / "pretrain"
+    _banner("1/5 tokenizer + pretraining a tiny MLA + DeepSeekMoE model on the built-in corpus")
+    if _done(pre_dir) is None:
+        t0 = time.perf_counter()
+        cfg = apply_overrides(config_from_dict(PretrainRunConfig, {**PRETRAIN, "run_dir": str(pre_dir)}),
+                              overrides.get("pretrain", []))
+        result = run_pretrain(cfg, resume=(pre_dir / "checkpoints").is_dir())
+        timings["pretrain"] = time.perf_counter() - t0
+        _mark_done(pre_dir, {"eval_loss": result.eval_loss, "seconds": timings["pretrain"]})
+    else:
+        print(f"cached: {pre_dir} (delete it to redo this stage)")
+
+    # 2. cold-start SFT
+    sft_dir = out / "sft"
+    _banner("2/5 cold-start SFT on chain-of-thought conversations (<think> ... </think> <answer> ... </answer>)")
+    if _done(sft_dir) is None:
+        t0 = time.perf_counter()
+        cfg = apply_overrides(config_from_dict(SFTRunConfig, {**SFT, "run_dir": str(sft_dir),
+                                                              "model": {**SFT["model"], "init_from": str(pre_dir)}}),
+                              overrides.get("sft", []))
+        result = run_sft(cfg, resume=(sft_dir / "checkpoints").is_dir())
+        timings["sft"] = time.perf_counter() - t0
+        _mark_done(sft_dir, {"eval_loss": result.eval_loss, "seconds": timings["sft"]})
+    else:
+        print(f"cached: {sft_dir} (delete it to redo this stage)")
+
+    grpo_cfg = config_from_dict(GRPORunConfig, {**GRPO, "run_dir": str(out / "grpo"),
+                                                 "model": {"mtp": False, "init_from": str(sft_dir)}})
+    apply_overrides(grpo_cfg, overrides.get("grpo", []))
+    if grpo_steps is not None:
+        grpo_cfg.grpo.steps = grpo_steps
+    _, held_out = grpo_examples(grpo_cfg.data, grpo_cfg.seed)
+    max_tokens = grpo_cfg.grpo.max_completion_length
+
+    # 3. evaluation before RL
+    before_file = out / "eval_before.json"
+    _banner(f"3/5 evaluation before RL: {len(held_out)} held-out problems, greedy; pass@{PASS_AT_K} on "
+            f"{PASS_AT_K_PROBLEMS}")
+    if before_file.is_file():
+        before = json.loads(before_file.read_text())
+        print(f"cached: {before_file}")
+    else:
+        t0 = time.perf_counter()
+        before = _evaluate_checkpoint(_newest_model(sft_dir), held_out, max_tokens)
+        timings["eval_before"] = time.perf_counter() - t0
+        before_file.write_text(json.dumps(before))
+    print(f"greedy accuracy {before['accuracy']:.3f} +- {before['stderr']:.3f}; sampled pass@1 "
+          f"{before['pass@1']:.3f}, pass@{PASS_AT_K} {before[f'pass@{PASS_AT_K}']:.3f}")
+
+    # 4. GRPO
+    grpo_dir = out / "grpo"
+    _banner(f"4/5 GRPO: {grpo_cfg.grpo.steps} steps x {grpo_cfg.grpo.prompts_per_step} prompts x "
+            f"G={grpo_cfg.grpo.num_generations}, rewards {grpo_cfg.rewards}, loss {grpo_cfg.grpo.loss_type}")
+    plots: list[str]
+    if _done(grpo_dir) is None:
+        t0 = time.perf_counter()
+        result = run_grpo(grpo_cfg, resume=(grpo_dir / "checkpoints").is_dir())
+        timings["grpo"] = time.perf_counter() - t0
+        plots = [str(p) for p in result.plots]
+        _mark_done(grpo_dir, {"steps": result.step, "seconds": timings["grpo"], "plots": plots})
+    else:
+        plots = _done(grpo_dir)["plots"]
+        print(f"cached: {grpo_dir} (delete it to redo this stage)")
+
+    # 5. evaluation after RL
+    after_file = out / "eval_after.json"
+    _banner("5/5 evaluation after RL on the same held-out problems")
+    if after_file.is_file():
+        after = json.loads(after_file.read_text())
+        print(f"cached: {after_file}")
+    else:
+        t0 = time.perf_counter()
+        after = _evaluate_checkpoint(_newest_model(grpo_dir), held_out, max_tokens)
+        timings["eval_after"] = time.perf_counter() - t0
+        after_file.write_text(json.dumps(after))
+
+    summary = _report(before, after, plots, grpo_cfg.grpo.steps)
+    summary["timings"] = timings
+    summary["seconds"] = time.perf_counter() - t_all
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"\ndemo finished in {summary['seconds'] / 60:.1f} min (stages run now: "
+          + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"); everything is under {out}")
+    return summary
+
+
+def _report(before: dict[str, Any], after: dict[str, Any], plots: list[str], steps: int) -> dict[str, Any]:
+    n = before["problems"]
+    gain = after["accuracy"] - before["accuracy"]
+    # The two evaluations are on the same problems: the standard error of the paired difference.
+    diffs = [float(a) - float(b) for a, b in zip(after["correct"], before["correct"])]
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1) / n)
+    k = f"pass@{PASS_AT_K}"
+    rows = [("held-out accuracy (greedy)", before["accuracy"], after["accuracy"]),
+            ("format rate", before["format_rate"], after["format_rate"]),
+            ("response length (tokens)", before["response_length"], after["response_length"]),
+            ("sampled pass@1", before["pass@1"], after["pass@1"]),
+            (f"sampled {k}", before[k], after[k])]
+    print(f"\n{'':30s}{'after SFT':>12s}{'after GRPO':>12s}")
+    for name, b, a in rows:
+        print(f"{name:30s}{b:12.3f}{a:12.3f}" if "length" not in name else f"{name:30s}{b:12.1f}{a:12.1f}")
+    z = gain / se if se > 0 else float("inf") if gain > 0 else 0.0
+    print(f"\nGRPO gain: {gain:+.3f} accuracy on {n} held-out problems ({steps} steps), {z:.1f} standard errors "
+          f"(paired SE {se:.3f}); those problems are test-split: in no pretraining, SFT or RL data.")
+    if plots:
+        print("plots: " + ", ".join(plots))
+    print("\nsample reasoning trace (held-out problem, after GRPO, greedy):")
+    print(f"  question: {after['sample_question']}")
+    print(f"  reference answer: {after['sample_answer']}")
+    print("  completion: <think>\n" + "\n".join("    " + line for line in after["sample_completion"].splitlines()))
+    return {"before": {k2: v for k2, v in before.items() if k2 != "correct"},
+            "after": {k2: v for k2, v in after.items() if k2 != "correct"},
+            "gain": gain, "gain_se": se, "gain_z": z, "plots": plots}
