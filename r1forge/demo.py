@@ -30,18 +30,29 @@ from r1forge.train.config import PretrainRunConfig, SFTRunConfig, config_from_di
 
 DONE_FILE = "DONE.json"
 
+# The problems: one or two steps with operands up to 12 (products up to 144), so a ~1M-parameter model learns the
+# arithmetic in minutes but still slips often enough for RL to have something to sharpen.
+PROBLEMS: dict[str, Any] = {"min_steps": 1, "max_steps": 2, "max_operand": 12}
+# A small DeepSeek-V3-shaped model: MLA with q low-rank and a decoupled rope key, 1 dense + 3 MoE layers of 8 routed
+# experts (top-2 of 2 groups, 1 group kept) + 1 shared expert, one MTP module; ~1.5M parameters.
+MODEL: dict[str, Any] = {"hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 64,
+                         "num_hidden_layers": 4, "num_attention_heads": 4, "q_lora_rank": 64, "kv_lora_rank": 64,
+                         "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32}
+
 PRETRAIN: dict[str, Any] = {
     "seed": 0,
-    "model": {"preset": "tiny", "mtp": True},
-    "data": {"vocab_size": 512, "synthetic_docs": 4000, "synthetic_eval_problems": 200, "seq_len": 128},
+    "model": {"preset": "tiny", "mtp": True, "overrides": MODEL},
+    "data": {"vocab_size": 512, "synthetic_docs": 4000, "synthetic_eval_problems": 200, "seq_len": 128,
+             "problem_fraction": 0.9, **PROBLEMS},
     "train": {"steps": 1500, "batch_size": 16, "lr": 3.0e-3, "min_lr_ratio": 0.1, "warmup_steps": 30,
               "weight_decay": 0.1, "bias_update_gamma": 1.0e-3, "mtp_lambda": 0.3, "device": "cpu"},
     "log": {"log_every": 25, "eval_every": 500, "eval_batches": 10, "save_every": 500, "keep_last": 1},
 }
+# A deliberately short cold start: enough to learn the <think>/<answer> format, not enough to saturate accuracy.
 SFT: dict[str, Any] = {
     "seed": 0,
     "model": {"mtp": False},
-    "data": {"synthetic_problems": 400, "synthetic_eval_problems": 100, "max_len": 192},
+    "data": {"synthetic_problems": 400, "synthetic_eval_problems": 100, "max_len": 192, **PROBLEMS},
     "train": {"steps": 60, "batch_size": 16, "lr": 1.0e-3, "min_lr_ratio": 0.1, "warmup_steps": 10,
               "weight_decay": 0.0, "bias_update_gamma": 1.0e-3, "mtp_lambda": 0.0, "device": "cpu"},
     "log": {"log_every": 10, "eval_every": 0, "eval_batches": 5, "save_every": 0, "keep_last": 1},
@@ -49,10 +60,10 @@ SFT: dict[str, Any] = {
 GRPO: dict[str, Any] = {
     "seed": 0,
     "device": "cpu",
-    "data": {"synthetic_problems": 3000, "synthetic_eval_problems": 500},
-    "rewards": {"accuracy": 1.0, "format": 0.2},
-    "grpo": {"steps": 60, "prompts_per_step": 16, "num_generations": 8, "max_completion_length": 64,
-             "temperature": 1.0, "learning_rate": 5.0e-4, "warmup_steps": 5, "beta": 0.0, "loss_type": "dapo",
+    "data": {"synthetic_problems": 3000, "synthetic_eval_problems": 500, **PROBLEMS},
+    "rewards": {"accuracy": 1.0, "format": 0.1},
+    "grpo": {"steps": 120, "prompts_per_step": 16, "num_generations": 8, "max_completion_length": 48,
+             "temperature": 0.8, "learning_rate": 5.0e-5, "warmup_steps": 5, "beta": 0.0, "loss_type": "dapo",
              "epsilon_low": 0.2, "epsilon_high": 0.28, "scale_rewards": "group", "template": "chat",
              "micro_batch_size": 64, "bias_update_gamma": 1.0e-3, "log_completions_every": 10},
     "log": {"eval_every": 0, "eval_problems": 500, "eval_before": False, "save_every": 20, "keep_last": 1,
@@ -79,19 +90,34 @@ def _mark_done(stage_dir: Path, info: dict[str, Any]) -> None:
     tmp.replace(stage_dir / DONE_FILE)
 
 
+_STAGE_OUTPUTS = ["pretrain", "sft", "eval_before.json", "grpo", "eval_after.json"]
+
+
+def _invalidate(out: Path, after: str) -> None:
+    """A stage that just ran makes everything downstream of it stale: remove it so it is rebuilt."""
+    import shutil
+
+    for name in _STAGE_OUTPUTS[_STAGE_OUTPUTS.index(after) + 1:]:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def _banner(text: str) -> None:
     print(f"\n=== {text} " + "=" * max(0, 100 - len(text)), flush=True)
 
 
 def _pass_at_k(llm: Any, tokenizer: Any, examples: list[dict[str, Any]], k: int, max_tokens: int,
-               seed: int = 0) -> tuple[float, float]:
-    """(pass@1, pass@k) of temperature-1 samples: the unbiased estimator with n = k samples per problem."""
+               temperature: float, seed: int = 0) -> tuple[float, float]:
+    """(pass@1, pass@k) of samples at the RL sampling temperature, k samples per problem."""
     from r1forge.engine import SamplingParams
     from r1forge.rl.rewards import accuracy_reward
     from r1forge.rl.templates import render_prompt
 
     rendered = [render_prompt(tokenizer, ex["question"], "chat") for ex in examples]
-    params = [SamplingParams(n=k, temperature=1.0, max_tokens=max_tokens, seed=seed + i) for i in range(len(examples))]
+    params = [SamplingParams(n=k, temperature=temperature, max_tokens=max_tokens, seed=seed + i) for i in range(len(examples))]
     outs = llm.generate([ids for _, ids in rendered], params)
     p1, pk = 0.0, 0.0
     for (prompt, _), ex, out in zip(rendered, examples, outs):
@@ -101,7 +127,8 @@ def _pass_at_k(llm: Any, tokenizer: Any, examples: list[dict[str, Any]], k: int,
     return p1 / len(examples), pk / len(examples)
 
 
-def _evaluate_checkpoint(model_dir: Path, examples: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
+def _evaluate_checkpoint(model_dir: Path, examples: list[dict[str, Any]], max_tokens: int,
+                         pass_at_k_problems: int, temperature: float) -> dict[str, Any]:
     from r1forge.data import load_tokenizer
     from r1forge.engine import LLM
     from r1forge.loading import load_model
@@ -113,7 +140,8 @@ def _evaluate_checkpoint(model_dir: Path, examples: list[dict[str, Any]], max_to
     t0 = time.perf_counter()
     result = evaluate(llm, tokenizer, examples, "chat", max_tokens)
     greedy_s = time.perf_counter() - t0
-    p1, pk = _pass_at_k(llm, tokenizer, examples[:PASS_AT_K_PROBLEMS], PASS_AT_K, max_tokens)
+    p1, pk = _pass_at_k(llm, tokenizer, examples[:pass_at_k_problems], PASS_AT_K, max_tokens,
+                        temperature)
     sample = next((i for i, ok in enumerate(result.correct) if ok), 0)
     return {"accuracy": result.accuracy, "stderr": result.stderr, "format_rate": result.format_rate,
             "response_length": result.mean_length, "problems": result.num_problems, "pass@1": p1,
@@ -129,7 +157,8 @@ def _newest_model(run_dir: Path) -> Path:
 
 
 def run_demo(out_dir: str | Path = "runs/demo", grpo_steps: int | None = None,
-             overrides: dict[str, list[str]] | None = None) -> dict[str, Any]:
+             overrides: dict[str, list[str]] | None = None,
+             pass_at_k_problems: int = PASS_AT_K_PROBLEMS) -> dict[str, Any]:
     """Run (or continue) every stage; print the before/after table; return the numbers.
 
     Args:
@@ -137,6 +166,7 @@ def run_demo(out_dir: str | Path = "runs/demo", grpo_steps: int | None = None,
         grpo_steps: GRPO steps instead of the demo's own.
         overrides: dotted config overrides per stage ("pretrain", "sft", "grpo"), as on the command line,
             e.g. {"pretrain": ["--train.steps", "100"]}; the evaluation set is the grpo stage's held-out data.
+        pass_at_k_problems: held-out problems sampled k times for pass@1 / pass@k.
     """
     from r1forge.train import run_pretrain, run_sft
     from r1forge.train.config import apply_overrides
@@ -162,6 +192,7 @@ def run_demo(out_dir: str | Path = "runs/demo", grpo_steps: int | None = None,
         result = run_pretrain(cfg, resume=(pre_dir / "checkpoints").is_dir())
         timings["pretrain"] = time.perf_counter() - t0
         _mark_done(pre_dir, {"eval_loss": result.eval_loss, "seconds": timings["pretrain"]})
+        _invalidate(out, after="pretrain")
     else:
         print(f"cached: {pre_dir} (delete it to redo this stage)")
 
@@ -176,6 +207,7 @@ def run_demo(out_dir: str | Path = "runs/demo", grpo_steps: int | None = None,
         result = run_sft(cfg, resume=(sft_dir / "checkpoints").is_dir())
         timings["sft"] = time.perf_counter() - t0
         _mark_done(sft_dir, {"eval_loss": result.eval_loss, "seconds": timings["sft"]})
+        _invalidate(out, after="sft")
     else:
         print(f"cached: {sft_dir} (delete it to redo this stage)")
 
@@ -190,13 +222,14 @@ def run_demo(out_dir: str | Path = "runs/demo", grpo_steps: int | None = None,
     # 3. evaluation before RL
     before_file = out / "eval_before.json"
     _banner(f"3/5 evaluation before RL: {len(held_out)} held-out problems, greedy; pass@{PASS_AT_K} on "
-            f"{PASS_AT_K_PROBLEMS}")
+            f"{min(pass_at_k_problems, len(held_out))}")
     if before_file.is_file():
         before = json.loads(before_file.read_text())
         print(f"cached: {before_file}")
     else:
         t0 = time.perf_counter()
-        before = _evaluate_checkpoint(_newest_model(sft_dir), held_out, max_tokens)
+        before = _evaluate_checkpoint(_newest_model(sft_dir), held_out, max_tokens, pass_at_k_problems,
+                                      grpo_cfg.grpo.temperature)
         timings["eval_before"] = time.perf_counter() - t0
         before_file.write_text(json.dumps(before))
     print(f"greedy accuracy {before['accuracy']:.3f} +- {before['stderr']:.3f}; sampled pass@1 "
@@ -213,6 +246,7 @@ def run_demo(out_dir: str | Path = "runs/demo", grpo_steps: int | None = None,
         timings["grpo"] = time.perf_counter() - t0
         plots = [str(p) for p in result.plots]
         _mark_done(grpo_dir, {"steps": result.step, "seconds": timings["grpo"], "plots": plots})
+        _invalidate(out, after="grpo")
     else:
         plots = _done(grpo_dir)["plots"]
         print(f"cached: {grpo_dir} (delete it to redo this stage)")
@@ -225,7 +259,8 @@ def run_demo(out_dir: str | Path = "runs/demo", grpo_steps: int | None = None,
         print(f"cached: {after_file}")
     else:
         t0 = time.perf_counter()
-        after = _evaluate_checkpoint(_newest_model(grpo_dir), held_out, max_tokens)
+        after = _evaluate_checkpoint(_newest_model(grpo_dir), held_out, max_tokens, pass_at_k_problems,
+                                      grpo_cfg.grpo.temperature)
         timings["eval_after"] = time.perf_counter() - t0
         after_file.write_text(json.dumps(after))
 

@@ -107,6 +107,7 @@ class PretrainDataConfig:
     min_steps: int = 1  # built-in problems: fewest solution steps
     max_steps: int = 3  # built-in problems: most solution steps
     max_operand: int = 99  # built-in problems: largest starting number or operand
+    problem_fraction: float = 0.7  # built-in corpus: share of documents that are worked problems (rest: English)
     seq_len: int = 128  # tokens per packed row
 
     def validate(self, prefix: str = "data") -> None:

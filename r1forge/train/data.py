@@ -41,7 +41,7 @@ class RowSubset:
 
 def pretrain_texts(cfg: PretrainDataConfig, seed: int) -> list[str] | None:
     """The built-in corpus when no files are given (also what a tokenizer is trained on), else None."""
-    return None if cfg.files else make_pretrain_corpus(cfg.synthetic_docs, seed, min_steps=cfg.min_steps,
+    return None if cfg.files else make_pretrain_corpus(cfg.synthetic_docs, seed, cfg.problem_fraction, min_steps=cfg.min_steps,
                                                         max_steps=cfg.max_steps, max_operand=cfg.max_operand)
 
 
