@@ -137,3 +137,18 @@ def test_grpo_run_refuses_bad_config(tmp_path: Path) -> None:
         load_run_config(GRPORunConfig, None, ["--model.init_from", "x", "--rewards", "{nope: 1.0}"])
     with pytest.raises(ValueError, match="grpo.num_generations"):
         load_run_config(GRPORunConfig, None, ["--model.init_from", "x", "--grpo.num_generations", "1"])
+
+
+def test_grpo_reads_prompt_files(tmp_path: Path) -> None:
+    from r1forge.rl.grpo_run import GRPODataConfig, grpo_examples
+
+    good = tmp_path / "train.jsonl"
+    good.write_text(json.dumps({"question": "Compute 2 + 3.", "answer": 5}) + "\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "Compute 4 * 4."}], "answer": "16"}) + "\n")
+    train, held_out = grpo_examples(GRPODataConfig(files=[str(good)], eval_files=[str(good)]), seed=0)
+    assert [e["question"] for e in train] == ["Compute 2 + 3.", "Compute 4 * 4."]
+    assert train[0]["answer"] == "5" and len(held_out) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "no answer"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1:.*answer"):
+        grpo_examples(GRPODataConfig(files=[str(bad)]), seed=0)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from r1forge.data import load_tokenizer
-from r1forge.data.jsonl import DataError, read_jsonl
+from r1forge.data.jsonl import DataError, iter_jsonl
 from r1forge.data.synthetic import KINDS, make_problems, rl_example
 from r1forge.rl.grpo_config import GRPOConfig
 from r1forge.rl.grpo_trainer import EvalResult, GRPOTrainer
@@ -106,13 +106,13 @@ class GRPOResult:
 def _read_examples(files: list[str]) -> list[dict[str, Any]]:
     out = []
     for path in files:
-        for i, record in enumerate(read_jsonl(path)):
+        for line, record in iter_jsonl(path):
             if "question" not in record and "messages" in record:
                 users = [m for m in record["messages"] if m.get("role") == "user"]
                 if users:
                     record = {**record, "question": users[-1]["content"]}
             if not isinstance(record.get("question"), str) or "answer" not in record:
-                raise DataError(f"{path}: record {i + 1} needs a string 'question' (or user messages) and an 'answer'")
+                raise DataError(path, line, "needs a string 'question' (or user messages) and an 'answer'")
             record = {**record, "answer": str(record["answer"])}
             record.pop("prompt", None)  # the template renders the prompt; example keys reach rewards as **kwargs
             out.append(record)

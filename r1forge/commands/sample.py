@@ -1,0 +1,95 @@
+"""`r1forge sample MODEL --rejection -o data/rs.jsonl`: N samples per prompt; keep the correct ones as SFT data.
+
+    r1forge sample runs/grpo-tiny --rejection --num-samples 8 --problems 500 -o data/rs.jsonl
+    r1forge sft configs/sft_tiny.yaml --data.files data/rs.jsonl --model.init_from runs/grpo-tiny
+
+Prompts are built-in train-split problems (`--problems`, `--min-steps` ...) or `--prompts FILE.jsonl` of
+{"question", "answer"}. With `--rejection` the output holds only correct, well-formed, finished samples
+(`r1forge.rl.rejection`); without it, every sample, each annotated with `correct`, `formatted`, `finish_reason`
+and `kept`. Statistics (pass@1, pass@N, kept/total) are printed and written to OUTPUT.stats.json.
+Exit codes: 0 done, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="checkpoint or run directory (its newest checkpoint), with tokenizer.json")
+    p.add_argument("-o", "--output", required=True, help="JSONL file to write (chat records {\"messages\": [...]})")
+    p.add_argument("--rejection", action="store_true", help="keep only correct samples (rejection sampling)")
+    p.add_argument("-n", "--num-samples", type=int, default=8, help="samples per prompt (N)")
+    p.add_argument("--prompts", help="JSONL of {\"question\", \"answer\"} (default: built-in problems)")
+    p.add_argument("--problems", type=int, default=200, help="built-in problems to sample on")
+    p.add_argument("--split", choices=("train", "test"), default="train", help="built-in problems' split")
+    p.add_argument("--min-steps", type=int, default=1, help="built-in problems: fewest solution steps")
+    p.add_argument("--max-steps", type=int, default=3, help="built-in problems: most solution steps")
+    p.add_argument("--max-operand", type=int, default=99, help="built-in problems: largest operand")
+    p.add_argument("--kinds", default="word,expression,equation", help="built-in problem kinds, comma-separated")
+    p.add_argument("--template", choices=("chat", "r1-zero"), default="chat", help="prompt template")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=256, help="longest completion in tokens")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the built-in problems and of the sampling (prompt i uses seed + i)")
+    p.add_argument("--allow-unformatted", action="store_true",
+                   help="with --rejection: keep correct samples even without the <think>/<answer> format")
+    p.add_argument("--keep-duplicates", action="store_true", help="keep verbatim repeats within a prompt")
+    p.add_argument("--max-per-prompt", type=int, default=None, help="keep at most this many samples per prompt")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+
+
+def examples_from_args(args: argparse.Namespace) -> list[dict]:
+    """The prompts: a JSONL file, or built-in problems of the chosen split and difficulty."""
+    from r1forge.data import make_problems, rl_example
+    from r1forge.rl.rejection import read_examples
+
+    if args.prompts:
+        return read_examples(args.prompts)
+    if args.problems <= 0:
+        raise ValueError(f"--problems must be positive, got {args.problems}")
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    problems = make_problems(args.problems, args.seed, args.split, args.min_steps, args.max_steps, args.max_operand,
+                             kinds)
+    return [{k: v for k, v in rl_example(p).items() if k not in ("prompt", "messages")} for p in problems]
+
+
+def run(args: argparse.Namespace) -> int:
+    from r1forge.train.cli import run_with_errors
+
+    def main() -> int:
+        import json
+        import sys
+        from pathlib import Path
+
+        from r1forge.rl.rejection import (load_policy, rejection_sample, sample_records, sampling_engine, write_json,
+                                          write_sft_dataset)
+        from r1forge.train.runs import resolve_device
+
+        if args.num_samples < 1:
+            raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+        if args.max_tokens < 1:
+            raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+        examples = examples_from_args(args)
+        model, tokenizer, model_dir = load_policy(args.model, resolve_device(args.device), key="MODEL")
+        llm = sampling_engine(model, tokenizer, examples, args.template, args.max_tokens,
+                          len(examples) * args.num_samples)
+        result = rejection_sample(llm, tokenizer, examples, args.num_samples, template=args.template,
+                                  temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                                  seed=args.seed, require_format=not args.allow_unformatted,
+                                  dedupe=not args.keep_duplicates, max_per_prompt=args.max_per_prompt)
+        records = result.records if args.rejection else sample_records(result, examples)
+        output = Path(args.output)
+        count = write_sft_dataset(output, records)
+        stats = {"model": str(model_dir), "rejection": args.rejection, **result.stats.to_dict()}
+        write_json(output.with_name(output.stem + ".stats.json"), stats)
+        print(f"{model_dir}: {result.stats.summary()}")
+        print(f"wrote {count} records to {output}" + (" (correct samples only)" if args.rejection else ""))
+        if args.rejection and count == 0:
+            print("warning: no sample passed; raise --num-samples or --temperature, or check the prompts' answers",
+                  file=sys.stderr)
+        print(json.dumps(stats))
+        return 0
+
+    return run_with_errors(main)

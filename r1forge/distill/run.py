@@ -1,0 +1,208 @@
+"""`run_distill`: a distillation run config -> teacher, student, sequences, a `Trainer`, and a before/after report.
+
+    from r1forge.distill import DistillRunConfig, run_distill
+    from r1forge.train import load_run_config
+    result = run_distill(load_run_config(DistillRunConfig, "configs/distill_tiny.yaml", ["--mode", "kl"]))
+
+The steps (SPEC section 6, "Distillation"):
+  1. load the teacher and its tokenizer; derive the student (dense by default, see student.py) or load it;
+  2. greedy held-out accuracy of the teacher and of the untrained student (the "before");
+  3. sequences: the teacher's own traces, N per prompt, only the correct ones by default (rejection sampling,
+     r1forge.rl.rejection; written to RUN_DIR/traces.jsonl), or a dataset's conversations (mode kl only);
+  4. train the student with `r1forge.train.Trainer`: cross-entropy on the traces (mode sft) or forward KL to
+     the teacher's distributions (mode kl), assistant tokens only either way;
+  5. greedy held-out accuracy of the student again; RUN_DIR/report.json holds all of it.
+A run with checkpoints continues only with `resume=True`, reusing its traces and its "before" numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r1forge.accounting import count_parameters
+from r1forge.data import SFTDataset, make_problems, read_jsonl, rl_example, sft_messages
+from r1forge.distill.config import DistillDataConfig, DistillRunConfig
+from r1forge.distill.kl import ForwardKLLoss
+from r1forge.distill.student import build_student, dense_student_config
+from r1forge.rl.grpo_trainer import EvalResult, evaluate
+from r1forge.rl.rejection import (load_policy, read_examples, rejection_sample, sampling_engine, write_json,
+                                  write_sft_dataset)
+from r1forge.train.checkpointing import resolve_model_dir
+from r1forge.train.config import save_run_config
+from r1forge.train.data import make_loader
+from r1forge.train.runs import prepare_run_dir, resolve_device, seed_everything
+from r1forge.train.trainer import Trainer
+
+TRACES_FILE = "traces.jsonl"
+REPORT_FILE = "report.json"
+_BEFORE_FILE = "before.json"  # the untrained student's numbers and the traces' statistics, for --resume
+
+
+@dataclass
+class DistillResult:
+    status: str  # the Trainer's: "completed" or "diverged"
+    teacher: EvalResult
+    student_before: EvalResult | None  # None when resumed without a saved "before"
+    student_after: EvalResult
+    num_sequences: int  # training conversations
+    checkpoint: Path | None
+    report: dict[str, Any]
+
+
+def _example(problem: Any) -> dict[str, Any]:
+    """An RL example without the keys that the template renders itself (rewards read the rest)."""
+    return {k: v for k, v in rl_example(problem).items() if k not in ("prompt", "messages")}
+
+
+def distill_examples(cfg: DistillDataConfig, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training prompts, held-out problems), each a dict with "question" and "answer"."""
+    kinds = tuple(cfg.kinds)
+    if cfg.files:
+        train = [ex for path in cfg.files for ex in read_examples(path)]
+    else:
+        train = [_example(p) for p in make_problems(cfg.synthetic_problems, seed, "train", cfg.min_steps,
+                                                     cfg.max_steps, cfg.max_operand, kinds)]
+    if cfg.eval_files:
+        held_out = [ex for path in cfg.eval_files for ex in read_examples(path)]
+    else:
+        held_out = [_example(p) for p in make_problems(cfg.synthetic_eval_problems, seed + 7919, "test",
+                                                        cfg.min_steps, cfg.max_steps, cfg.max_operand, kinds)]
+    return train, held_out
+
+
+def dataset_conversations(cfg: DistillDataConfig, seed: int) -> list[dict[str, Any]]:
+    """Chat records to distil on when data.sequences is "dataset": `files`' records, or built-in solutions."""
+    from r1forge.data import validate_chat_record
+
+    if cfg.files:
+        return [r for path in cfg.files for r in read_jsonl(path, validate_chat_record)[0]]
+    return [{"messages": sft_messages(p)} for p in make_problems(cfg.synthetic_problems, seed, "train",
+                                                                 cfg.min_steps, cfg.max_steps, cfg.max_operand,
+                                                                 tuple(cfg.kinds))]
+
+
+def teacher_traces(llm: LLM, tokenizer: Any, examples: list[dict[str, Any]], cfg: DistillDataConfig,
+                   seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The teacher's traces on the training prompts (correct ones only unless `only_correct` is false)."""
+    result = rejection_sample(llm, tokenizer, examples, cfg.samples_per_prompt, template=cfg.template,
+                              temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=seed,
+                              require_correct=cfg.only_correct, require_format=cfg.only_correct,
+                              max_per_prompt=cfg.max_per_prompt)
+    return result.records, result.stats.to_dict()
+
+
+def _eval_dict(result: EvalResult | None) -> dict[str, float] | None:
+    if result is None:
+        return None
+    return {"accuracy": result.accuracy, "stderr": result.stderr, "format_rate": result.format_rate,
+            "mean_length": result.mean_length, "num_problems": result.num_problems}
+
+
+def _params(model: torch.nn.Module) -> dict[str, int]:
+    total, active = count_parameters(model.config)
+    return {"total": total, "active": active, "moe_layers": sum(model.config.is_moe_layer(i)
+                                                                for i in range(model.config.num_hidden_layers))}
+
+
+def make_student(cfg: DistillRunConfig, teacher: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The student of `cfg.student`: loaded from `init_from`, or derived from the teacher's config."""
+    section = cfg.student
+    if section.init_from is not None:
+        from r1forge.loading import load_model
+
+        student = load_model(resolve_model_dir(section.init_from), device=device)
+        if student.config.vocab_size != teacher.config.vocab_size:
+            raise ValueError(f"student.init_from: vocab_size {student.config.vocab_size} differs from the teacher's "
+                             f"{teacher.config.vocab_size}; the student must share the teacher's tokenizer")
+        student.train()
+        return student
+    config = dense_student_config(teacher.config, dense=section.dense, num_hidden_layers=section.num_hidden_layers,
+                                  hidden_size=section.hidden_size, intermediate_size=section.intermediate_size,
+                                  num_attention_heads=section.num_attention_heads, **section.overrides)
+    return build_student(config, seed=cfg.seed, device=device)
+
+
+def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
+    """Distil `cfg.teacher` into a student as `cfg` says (see the module docstring)."""
+    if cfg.teacher is None:
+        raise ValueError("teacher: required (a checkpoint or run directory with a tokenizer)")
+    run_dir = Path(cfg.run_dir)
+    checkpoint = prepare_run_dir(run_dir, resume)
+    save_run_config(cfg, run_dir / ("config.yaml" if checkpoint is None else "config.resumed.yaml"))
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.train.device)
+    teacher, tokenizer, teacher_dir = load_policy(cfg.teacher, device, key="teacher")
+    student = make_student(cfg, teacher, device)
+    train_examples, held_out = distill_examples(cfg.data, cfg.seed)
+    data = cfg.data
+    n_eval = len(held_out)
+    teacher_params = _params(teacher)
+    print(f"distill ({cfg.mode}): teacher {teacher_dir} {teacher_params} -> student {_params(student)}, "
+          f"{len(train_examples)} prompts, {n_eval} held-out problems, device {device}")
+
+    sampled = train_examples if data.sequences == "teacher" else []
+    teacher_llm = sampling_engine(teacher, tokenizer, sampled + held_out, data.template, data.max_tokens,
+                                  max(len(sampled) * data.samples_per_prompt, n_eval))
+    teacher_eval = evaluate(teacher_llm, tokenizer, held_out, data.template, data.max_tokens)
+    print(f"teacher: accuracy {teacher_eval.accuracy:.3f} +- {teacher_eval.stderr:.3f} on {n_eval} held-out problems")
+
+    traces_path = run_dir / TRACES_FILE
+    trace_stats: dict[str, Any] | None = None
+    if data.sequences == "dataset":
+        records = dataset_conversations(data, cfg.seed)
+    elif checkpoint is not None and traces_path.is_file():
+        records = read_jsonl(traces_path)[0]
+        print(f"resumed: {len(records)} teacher traces from {traces_path}")
+    else:
+        records, trace_stats = teacher_traces(teacher_llm, tokenizer, train_examples, data, cfg.seed)
+        write_sft_dataset(traces_path, records)
+        print(f"teacher traces: {len(records)} of {trace_stats['total']} samples kept "
+              f"(pass@1 {trace_stats['pass_at_1']:.3f}) -> {traces_path}")
+    del teacher_llm
+    if not records:
+        raise ValueError(f"no training sequences: the teacher got no prompt right in {data.samples_per_prompt} "
+                         "samples; raise data.samples_per_prompt or set data.only_correct false")
+
+    student_llm = sampling_engine(student, tokenizer, held_out, data.template, data.max_tokens, n_eval)
+    before: EvalResult | None = None
+    before_path = run_dir / _BEFORE_FILE
+    if checkpoint is None:
+        before = evaluate(student_llm, tokenizer, held_out, data.template, data.max_tokens)
+        write_json(before_path, {"student_before": _eval_dict(before), "traces": trace_stats})
+        print(f"student before: accuracy {before.accuracy:.3f} +- {before.stderr:.3f}")
+    saved = json.loads(before_path.read_text()) if before_path.is_file() else {}
+
+    train_ds = SFTDataset(tokenizer, data.max_len, records=records, seed=cfg.seed)
+    loss = ForwardKLLoss(teacher, cfg.kl.temperature, cfg.kl.ce_weight) if cfg.mode == "kl" else None
+    if loss is None:
+        del teacher  # SFT needs only the traces
+    student.train()
+    trainer = Trainer(student, make_loader(train_ds, cfg.train.batch_size, cfg.seed), cfg.train, cfg.log, run_dir,
+                      eval_batches=None, tokenizer=tokenizer, loss=loss,
+                      run_info={"kind": f"distill-{cfg.mode}", "train_rows": len(train_ds),
+                                "teacher": str(teacher_dir)})
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
+        print(f"resumed from {checkpoint} (step {trainer.step})")
+    result = trainer.fit()
+
+    student.eval()
+    student_llm.reset_prefix_cache()
+    after = evaluate(student_llm, tokenizer, held_out, data.template, data.max_tokens)
+    report = {"mode": cfg.mode, "status": result.status, "step": result.step, "teacher_dir": str(teacher_dir),
+              "teacher": _eval_dict(teacher_eval), "student_before": _eval_dict(before) or saved.get("student_before"),
+              "student_after": _eval_dict(after), "num_sequences": len(records),
+              "traces": trace_stats or saved.get("traces"), "teacher_params": teacher_params,
+              "student_params": _params(student), "student_config": dataclasses.asdict(student.config),
+              "checkpoint": str(result.checkpoint) if result.checkpoint else None}
+    write_json(run_dir / REPORT_FILE, report)
+    before_acc = report["student_before"]["accuracy"] if report["student_before"] else float("nan")
+    print(f"held-out accuracy: teacher {teacher_eval.accuracy:.3f}, student untrained {before_acc:.3f}, student "
+          f"distilled {after.accuracy:.3f} +- {after.stderr:.3f} ({n_eval} problems) -> {run_dir / REPORT_FILE}")
+    return DistillResult(result.status, teacher_eval, before, after, len(records), result.checkpoint, report)

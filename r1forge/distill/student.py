@@ -1,0 +1,71 @@
+"""The student's shape: DeepSeek-R1's distilled models are dense, so by default the teacher's architecture with
+every MoE layer replaced by the dense SwiGLU FFN (`first_k_dense_replace = num_hidden_layers`), optionally
+narrower or shallower.
+
+Only what distillation needs is forced: the vocabulary (and bos/eos/pad ids) stays the teacher's, because the
+student reads the teacher's tokenizer and, for forward-KL distillation, matches the teacher's distribution over
+the same vocabulary; MTP modules are dropped (the student is trained on next-token targets only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from r1forge.config import ModelConfig
+from r1forge.model import DeepseekForCausalLM, build_model
+
+_TIED_TO_TEACHER = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def dense_student_config(teacher: ModelConfig, *, dense: bool = True, num_hidden_layers: int | None = None,
+                         hidden_size: int | None = None, intermediate_size: int | None = None,
+                         num_attention_heads: int | None = None, **overrides: Any) -> ModelConfig:
+    """A student config derived from the teacher's.
+
+    Args:
+        teacher: the teacher's config.
+        dense: no MoE layers (R1's distilled students are dense); False keeps the teacher's MoE layout.
+        num_hidden_layers, hidden_size, intermediate_size, num_attention_heads: a smaller student (None keeps
+            the teacher's value).
+        overrides: any other ModelConfig field (e.g. `kv_lora_rank`); vocab_size and the special token ids
+            cannot change (ValueError), since the student shares the teacher's tokenizer and output space.
+
+    Returns:
+        the student's ModelConfig, validated (a bad value raises ValueError naming the key).
+    """
+    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
+    for key in overrides:
+        if key not in known:
+            raise ValueError(f"student override {key!r} is not a ModelConfig field")
+        if key in _TIED_TO_TEACHER and overrides[key] != getattr(teacher, key):
+            raise ValueError(f"student override {key!r}={overrides[key]!r}: the student shares the teacher's "
+                             f"tokenizer, so it must stay {getattr(teacher, key)!r}")
+    changes: dict[str, Any] = {"num_nextn_predict_layers": 0, **overrides}
+    for key, value in (("num_hidden_layers", num_hidden_layers), ("hidden_size", hidden_size),
+                       ("intermediate_size", intermediate_size), ("num_attention_heads", num_attention_heads)):
+        if value is not None:
+            changes[key] = value
+    layers = changes.get("num_hidden_layers", teacher.num_hidden_layers)
+    if dense:
+        changes["first_k_dense_replace"] = layers
+    else:
+        changes.setdefault("first_k_dense_replace", min(teacher.first_k_dense_replace, layers))
+    config = teacher.replace(**changes)
+    if dense and config.is_moe:  # cannot happen unless replace() changes its rules; keep the promise explicit
+        raise ValueError("student: a dense student must have first_k_dense_replace == num_hidden_layers")
+    return config
+
+
+def build_student(config: ModelConfig, seed: int = 0, device: str | torch.device = "cpu") -> DeepseekForCausalLM:
+    """A freshly initialised student (deterministic in `seed`), in training mode."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = build_model(config, device=device)
+    finally:
+        torch.random.set_rng_state(state)
+    model.train()
+    return model

@@ -1,0 +1,327 @@
+"""Rejection sampling (DeepSeek-R1's third stage): N samples per prompt, keep only the correct ones as SFT data.
+
+    model, tokenizer, _ = load_policy("runs/grpo-tiny")                     # a run or checkpoint directory
+    llm = sampling_engine(model, tokenizer, examples, "chat", max_tokens=256, max_num_seqs=256)
+    result = rejection_sample(llm, tokenizer, examples, num_samples=8)      # examples: {"question", "answer"}
+    write_sft_dataset("data/rs.jsonl", result.records)                      # then `r1forge sft --data.files ...`
+
+Why the filters: R1 kept only samples whose final answer checks out against the reference *and* that read well,
+because SFT on them teaches whatever they contain. Here a sample is kept when
+  1. the accuracy reward is 1 (the answer equals the reference as a number or a math expression), unless
+     `require_correct=False` (distillation on a teacher's raw traces);
+  2. the format reward is 1 (`<think>...</think><answer>...</answer>`, nothing after) unless `require_format=False`;
+  3. it ended by itself (eos or a stop string), not by running into `max_tokens`;
+  4. it is not a verbatim repeat of a sample already kept for the same prompt (`dedupe`), and at most
+     `max_per_prompt` are kept per prompt (R1 kept several per prompt; a cap keeps easy prompts from dominating).
+
+Records are chat records `{"messages": [user, assistant], "answer": ...}` that `r1forge.data.SFTDataset` reads
+(and `r1forge sft` via `data.files`). The assistant content is exactly what the model saw and wrote: whatever the
+prompt template opened (R1's chat template opens `<think>\\n`) followed by the completion, so SFT on a record trains
+on the sampled text after the same prompt tokens. (Text, re-tokenized: a sample drawn in a non-canonical
+tokenization, which hot sampling produces now and then, is learnt in the canonical one.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from r1forge.engine import LLM, SamplingParams
+from r1forge.rl.rewards import accuracy_reward, format_reward
+from r1forge.rl.templates import render_prompt
+
+
+@dataclass
+class ScoredSample:
+    """One completion of one prompt and what the rule-based checks said about it."""
+
+    example_index: int  # index into the examples given
+    prompt: str  # the rendered prompt text
+    completion: str  # the generated text (special tokens such as eos removed)
+    token_ids: list[int]  # the generated tokens (eos included when it ended the sample)
+    finish_reason: str | None  # "stop" (eos / stop string) or "length"
+    correct: bool  # accuracy reward == 1
+    formatted: bool  # format reward == 1
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason == "stop"
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class RejectionStats:
+    """Counts and rates of one rejection-sampling pass.
+
+    pass@1 is the mean fraction of correct samples per prompt (the sampling policy's accuracy); pass@N the
+    fraction of prompts with at least one correct sample: the gap between them is what rejection sampling buys.
+    """
+
+    num_prompts: int = 0
+    num_samples: int = 0  # N, samples per prompt
+    total: int = 0  # num_prompts * N
+    correct: int = 0  # accuracy reward 1
+    formatted: int = 0  # format reward 1
+    truncated: int = 0  # hit max_tokens
+    duplicates: int = 0  # passed the checks but repeats a sample already kept for the same prompt
+    capped: int = 0  # dropped by max_per_prompt
+    kept: int = 0  # records written
+    prompts_with_kept: int = 0  # prompts that contributed at least one record
+    pass_at_1: float = 0.0  # mean over prompts of (correct samples / N): the sampling policy's accuracy
+    pass_at_n: float = 0.0  # fraction of prompts with at least one correct sample
+    mean_length: float = 0.0  # mean completion tokens over all samples
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"kept {self.kept}/{self.total} samples ({self.prompts_with_kept}/{self.num_prompts} prompts); "
+                f"pass@1 {self.pass_at_1:.3f}, pass@{self.num_samples} {self.pass_at_n:.3f}; "
+                f"correct {self.correct}, formatted {self.formatted}, truncated {self.truncated}, "
+                f"duplicates {self.duplicates}, capped {self.capped}; mean length {self.mean_length:.1f} tokens")
+
+
+@dataclass
+class RejectionResult:
+    records: list[dict[str, Any]]  # the kept chat records, in prompt order
+    samples: list[list[ScoredSample]]  # every sample, grouped by prompt
+    stats: RejectionStats
+    assistant_prefix: str = ""  # what the prompt template opened for the assistant (e.g. "<think>\n")
+    kept_mask: list[list[bool]] = field(default_factory=list)  # which samples became records
+
+
+def assistant_prefix(tokenizer: Any, template: str) -> str:
+    """The text the prompt template already wrote into the assistant turn (R1's chat template: "<think>\\n").
+
+    Found by rendering the generation prompt with and without thinking, so it follows any chat template.
+    The plain-text "r1-zero" template opens nothing: the completion holds the whole answer.
+    """
+    if template != "chat":
+        return ""
+    messages = [{"role": "user", "content": "?"}]
+    opened = tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=True, tokenize=False)
+    closed = tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=False, tokenize=False)
+    return opened[len(closed):] if opened.startswith(closed) else ""
+
+
+def chat_record(example: dict[str, Any], completion: str, prefix: str = "") -> dict[str, Any]:
+    """An SFT chat record for one sample: the question as the user turn, prefix + completion as the answer."""
+    content = prefix + (completion.lstrip() if not prefix else completion)
+    record: dict[str, Any] = {"messages": [{"role": "user", "content": example["question"]},
+                                           {"role": "assistant", "content": content}]}
+    if "answer" in example:
+        record["answer"] = str(example["answer"])
+    return record
+
+
+def _check_examples(examples: list[dict[str, Any]]) -> None:
+    if not examples:
+        raise ValueError("no prompts to sample from")
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, dict) or not isinstance(ex.get("question"), str):
+            raise ValueError(f"examples[{i}]: needs a string 'question'")
+        if ex.get("answer") is None:
+            raise ValueError(f"examples[{i}]: needs an 'answer' to check samples against")
+
+
+def _reward_kwargs(example: dict[str, Any]) -> dict[str, Any]:
+    """Rewards take the prompt and completion positionally, the rest of the example by keyword."""
+    return {k: v for k, v in example.items() if k not in ("prompt", "completion")}
+
+
+def sample_and_score(llm: LLM, tokenizer: Any, examples: list[dict[str, Any]], num_samples: int = 8, *,
+                     template: str = "chat", temperature: float = 1.0, top_p: float = 1.0, max_tokens: int = 256,
+                     seed: int | None = 0) -> list[list[ScoredSample]]:
+    """`num_samples` completions per example from `llm` (prefix-shared), each checked by accuracy and format.
+
+    Example i is sampled with seed `seed + i`, so a run is reproducible whatever the batch composition.
+    """
+    _check_examples(examples)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    prompts, ids = [], []
+    for ex in examples:
+        text, tok = render_prompt(tokenizer, ex["question"], template)
+        prompts.append(text)
+        ids.append(list(tok))
+    params = [SamplingParams(n=num_samples, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                             seed=None if seed is None else seed + i) for i in range(len(examples))]
+    llm.model.eval()
+    outputs = llm.generate(ids, params)
+    groups = []
+    for i, (prompt, ex, out) in enumerate(zip(prompts, examples, outputs, strict=True)):
+        kwargs = _reward_kwargs(ex)
+        groups.append([ScoredSample(i, prompt, c.text, list(c.token_ids), c.finish_reason,
+                                    accuracy_reward(prompt, c.text, **kwargs) >= 1.0,
+                                    format_reward(prompt, c.text, **kwargs) >= 1.0) for c in out.outputs])
+    return groups
+
+
+def select_samples(groups: list[list[ScoredSample]], *, require_correct: bool = True, require_format: bool = True,
+                   dedupe: bool = True, max_per_prompt: int | None = None) -> tuple[list[list[bool]], RejectionStats]:
+    """Which samples to keep (the rules in the module docstring) and the pass's statistics."""
+    if max_per_prompt is not None and max_per_prompt < 1:
+        raise ValueError(f"max_per_prompt must be >= 1 (or None for no cap), got {max_per_prompt}")
+    stats = RejectionStats(num_prompts=len(groups), num_samples=max((len(g) for g in groups), default=0))
+    keep: list[list[bool]] = []
+    pass1, lengths = 0.0, 0
+    for group in groups:
+        seen: set[str] = set()
+        flags = []
+        n_correct = sum(s.correct for s in group)
+        pass1 += n_correct / max(len(group), 1)
+        stats.pass_at_n += n_correct > 0
+        for s in group:
+            stats.total += 1
+            stats.correct += s.correct
+            stats.formatted += s.formatted
+            stats.truncated += not s.finished
+            lengths += s.num_tokens
+            ok = s.finished and (s.correct or not require_correct) and (s.formatted or not require_format)
+            if ok and dedupe and s.completion in seen:
+                stats.duplicates += 1
+                ok = False
+            if ok and max_per_prompt is not None and sum(flags) >= max_per_prompt:
+                stats.capped += 1
+                ok = False
+            if ok:
+                seen.add(s.completion)
+            flags.append(ok)
+        kept = sum(flags)
+        stats.kept += kept
+        stats.prompts_with_kept += kept > 0
+        keep.append(flags)
+    if groups:
+        stats.pass_at_1 = pass1 / len(groups)
+        stats.pass_at_n = stats.pass_at_n / len(groups)
+    stats.mean_length = lengths / max(stats.total, 1)
+    return keep, stats
+
+
+def rejection_sample(llm: LLM, tokenizer: Any, examples: list[dict[str, Any]], num_samples: int = 8, *,
+                     template: str = "chat", temperature: float = 1.0, top_p: float = 1.0, max_tokens: int = 256,
+                     seed: int | None = 0, require_correct: bool = True, require_format: bool = True,
+                     dedupe: bool = True, max_per_prompt: int | None = None) -> RejectionResult:
+    """Sample N per prompt, keep the correct ones (see the module docstring), return records and statistics.
+
+    Args:
+        llm: the engine around the model to sample from (its prefix cache must match the current weights).
+        tokenizer: the model's tokenizer (renders prompts).
+        examples: dicts with "question" and "answer" (and whatever else the rewards read).
+        num_samples: N.
+        template: "chat" (R1's chat template, opens `<think>`) or "r1-zero" (plain-text R1-Zero template).
+        temperature, top_p, max_tokens, seed: sampling; example i uses seed + i.
+        require_correct: keep only correct samples (False keeps every finished one: a teacher's raw traces).
+        require_format: also require the strict `<think>`/`<answer>` format (R1's "readable" filter).
+        dedupe: drop verbatim repeats within a prompt's kept samples.
+        max_per_prompt: keep at most this many per prompt (None: all correct ones).
+    """
+    groups = sample_and_score(llm, tokenizer, examples, num_samples, template=template, temperature=temperature,
+                              top_p=top_p, max_tokens=max_tokens, seed=seed)
+    keep, stats = select_samples(groups, require_correct=require_correct, require_format=require_format,
+                                 dedupe=dedupe, max_per_prompt=max_per_prompt)
+    prefix = assistant_prefix(tokenizer, template)
+    records = [chat_record(examples[s.example_index], s.completion, prefix)
+               for group, flags in zip(groups, keep) for s, k in zip(group, flags) if k]
+    return RejectionResult(records, groups, stats, prefix, keep)
+
+
+def sample_records(result: RejectionResult, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every sample (not only the kept ones) as a chat record annotated with its checks, for inspection."""
+    out = []
+    for group, flags in zip(result.samples, result.kept_mask or [[False] * len(g) for g in result.samples]):
+        for s, kept in zip(group, flags):
+            record = chat_record(examples[s.example_index], s.completion, result.assistant_prefix)
+            record.update(correct=s.correct, formatted=s.formatted, finish_reason=s.finish_reason, kept=kept)
+            out.append(record)
+    return out
+
+
+def load_policy(path: str | os.PathLike, device: Any = "cpu", key: str = "model") -> tuple[Any, Any, Path]:
+    """(model, its tokenizer, its directory) from a checkpoint or run directory (its newest checkpoint).
+
+    `key` names the path in errors (the config key or argument it came from).
+    """
+    from r1forge.data import load_tokenizer
+    from r1forge.loading import load_model
+    from r1forge.train.checkpointing import resolve_model_dir
+
+    directory = resolve_model_dir(path)
+    if not (directory / "tokenizer.json").is_file():
+        raise ValueError(f"{key} {str(path)!r}: {directory} has no tokenizer.json (prompts are rendered, and a "
+                         "student trained, with the model's own tokenizer)")
+    return load_model(directory, device=device), load_tokenizer(directory), directory
+
+
+def sampling_engine(model: Any, tokenizer: Any, examples: list[dict[str, Any]], template: str, max_tokens: int,
+                    max_num_seqs: int) -> LLM:
+    """An engine sized to the job: its cache holds max_num_seqs sequences of the longest prompt + max_tokens,
+    not the model's whole context, so that it fits beside training (and a second engine) in memory."""
+    longest = max(len(render_prompt(tokenizer, ex["question"], template)[1]) for ex in examples)
+    max_len = min(longest + max_tokens + 1, model.config.max_position_embeddings)
+    return LLM(model, tokenizer=tokenizer, max_num_seqs=max(1, min(max_num_seqs, 256)), block_size=16,
+               max_model_len=max_len)
+
+
+def write_json(path: str | os.PathLike, obj: dict[str, Any]) -> None:
+    """A small JSON file (a report, statistics), written atomically like the datasets."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_sft_dataset(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
+    """Write chat records as JSONL atomically (temp file beside it, fsync, rename); returns the record count.
+
+    Atomic so that a killed run never leaves a half-written dataset that a later `r1forge sft` would train on.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    count = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return count
+
+
+def read_examples(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Prompts with reference answers from JSONL: `{"question", "answer"}`, or a chat record (the last user turn
+    is the question) with an "answer"; errors name the file and line."""
+    from r1forge.data.jsonl import DataError, iter_jsonl
+
+    out = []
+    for line, record in iter_jsonl(path):
+        if "question" not in record and isinstance(record.get("messages"), list):
+            users = [m for m in record["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+            if users and isinstance(users[-1].get("content"), str):
+                record = {**record, "question": users[-1]["content"]}
+        if not isinstance(record.get("question"), str):
+            raise DataError(path, line, "needs a string 'question' (or a user message)")
+        if record.get("answer") is None:
+            raise DataError(path, line, "needs an 'answer' to check samples against")
+        record = {k: v for k, v in record.items() if k not in ("messages", "prompt")}
+        record["answer"] = str(record["answer"])
+        out.append(record)
+    if not out:
+        raise ValueError(f"{path}: no examples")
+    return out
