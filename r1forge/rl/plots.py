@@ -25,6 +25,19 @@ _PANELS: list[tuple[str, str, str, list[tuple[str, str]]]] = [
 ]
 
 
+SMOOTH = 10
+
+
+def _running_mean(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
     return [p[0] for p in points], [p[1] for p in points]
@@ -49,8 +62,12 @@ def plot_grpo_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
         for key, label in series:
             steps, values = _series(records, key)
             if steps:
-                style = "o-" if key.startswith("eval/") else "-"
-                ax.plot(steps, values, style, label=label)
+                if key.startswith("eval/"):
+                    ax.plot(steps, values, "o-", label=label)
+                else:  # rollout batches are small and noisy: the raw series faint, a running mean on top
+                    line, = ax.plot(steps, values, "-", alpha=0.3)
+                    ax.plot(steps, _running_mean(values, SMOOTH), "-", color=line.get_color(),
+                            label=f"{label}, mean of {SMOOTH} steps" if len(values) > SMOOTH else label)
                 drawn += 1
         if drawn:
             ax.set_xlabel("GRPO step")
