@@ -124,7 +124,7 @@ def _pass_at_k(llm: Any, tokenizer: Any, examples: list[dict[str, Any]], k: int,
 
     rendered = [render_prompt(tokenizer, ex["question"], "chat") for ex in examples]
     params = [SamplingParams(n=k, temperature=temperature, max_tokens=max_tokens, seed=seed + i) for i in range(len(examples))]
-    outs = llm.generate([ids for _, ids in rendered], params)
+    outs = llm.generate([ids for _, ids in rendered], params, use_tqdm=True)
     p1, pk = 0.0, 0.0
     for (prompt, _), ex, out in zip(rendered, examples, outs):
         correct = [accuracy_reward(prompt, c.text, **ex) >= 1.0 for c in out.outputs]
@@ -144,7 +144,7 @@ def _evaluate_checkpoint(model_dir: Path, examples: list[dict[str, Any]], max_to
     model = load_model(model_dir, device="cpu")
     llm = LLM(model, tokenizer=tokenizer, max_num_seqs=256, block_size=16)
     t0 = time.perf_counter()
-    result = evaluate(llm, tokenizer, examples, "chat", max_tokens)
+    result = evaluate(llm, tokenizer, examples, "chat", max_tokens, progress=True)
     greedy_s = time.perf_counter() - t0
     p1, pk = _pass_at_k(llm, tokenizer, examples[:pass_at_k_problems], PASS_AT_K, max_tokens,
                         temperature)

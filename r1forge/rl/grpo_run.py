@@ -187,7 +187,7 @@ def run_grpo(cfg: GRPORunConfig, resume: bool = False) -> GRPOResult:
     REWARD_STATS.reset()
     before = None
     if cfg.log.eval_before and held_out and checkpoint is None:
-        before = trainer.evaluate(held_out)
+        before = trainer.evaluate(held_out, progress=cfg.log.progress)
         logger.log(0, {"event": "eval", **eval_record(before)})
         print(f"before GRPO: accuracy {before.accuracy:.3f} +- {before.stderr:.3f}, format {before.format_rate:.3f}, "
               f"length {before.mean_length:.1f} tokens on {before.num_problems} held-out problems")
@@ -213,7 +213,7 @@ def run_grpo(cfg: GRPORunConfig, resume: bool = False) -> GRPOResult:
         progress.close()
     after = None
     if held_out:
-        after = trainer.evaluate(held_out)
+        after = trainer.evaluate(held_out, progress=cfg.log.progress)
         logger.log(trainer.step_count, {"event": "eval", **eval_record(after)})
         print(f"after GRPO ({trainer.step_count} steps, {time.perf_counter() - t0:.0f}s): accuracy "
               f"{after.accuracy:.3f} +- {after.stderr:.3f}, format {after.format_rate:.3f}, "

@@ -258,9 +258,10 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, examples: list[dict[str, Any]], max_tokens: int | None = None) -> EvalResult:
+    def evaluate(self, examples: list[dict[str, Any]], max_tokens: int | None = None,
+                 progress: bool = False) -> EvalResult:
         return evaluate(self.llm, self.tokenizer, examples, self.config.template,
-                        max_tokens or self.config.completion_length_at(self.step_count))
+                        max_tokens or self.config.completion_length_at(self.step_count), progress)
 
     def train(self, progress: Callable[[int, dict[str, float]], None] | None = None) -> None:
         while self.step_count < self.config.steps:
@@ -270,14 +271,16 @@ class GRPOTrainer:
 
 
 @torch.no_grad()
-def evaluate(llm: LLM, tokenizer: Any, examples: list[dict[str, Any]], template: str, max_tokens: int) -> EvalResult:
+def evaluate(llm: LLM, tokenizer: Any, examples: list[dict[str, Any]], template: str, max_tokens: int,
+             progress: bool = False) -> EvalResult:
     """Greedy decoding on held-out problems: accuracy, format rate and mean response length (tokens)."""
     from r1forge.engine import SamplingParams
     from r1forge.rl.rewards import accuracy_reward, format_reward
 
     llm.model.eval()
     prompts, ids = zip(*(render_prompt(tokenizer, ex["question"], template) for ex in examples))
-    outs = llm.generate([list(i) for i in ids], SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    outs = llm.generate([list(i) for i in ids], SamplingParams(temperature=0.0, max_tokens=max_tokens),
+                        use_tqdm=progress)
     correct, formatted, lengths, texts = [], [], [], []
     for prompt, ex, out in zip(prompts, examples, outs):
         text = out.text
