@@ -115,3 +115,30 @@ def test_cli_flags_anywhere_after_the_config(capsys: pytest.CaptureFixture) -> N
     assert resume and cfg is not None
     cfg, _ = resolve_run_config(PretrainRunConfig, parser.parse_args([path, "--print-config", "--seed", "7"]))
     assert cfg is None and "seed: 7" in capsys.readouterr().out
+
+
+def test_malformed_lines_stop_the_run_or_are_skipped_by_flag(tmp_path) -> None:
+    import json
+
+    from r1forge.data import load_tokenizer, make_pretrain_corpus, train_tokenizer
+    from r1forge.data.jsonl import DataError
+    from r1forge.train.config import PretrainDataConfig, SFTDataConfig
+    from r1forge.train.data import pretrain_datasets, sft_datasets
+
+    train_tokenizer(None, tmp_path / "tok", vocab_size=300, texts=make_pretrain_corpus(100, 0))
+    tok = load_tokenizer(tmp_path / "tok")
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "one two three " * 20}) + "\n{not json\n" + json.dumps({"text": "four"}) + "\n")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n"
+                    + json.dumps({"messages": "not a list"}) + "\n")
+    with pytest.raises(DataError, match=r"text\.jsonl:2"):
+        pretrain_datasets(PretrainDataConfig(files=[str(text)], eval_files=[str(text)], seq_len=16), tok, 0)
+    train, _ = pretrain_datasets(PretrainDataConfig(files=[str(text)], eval_files=[str(text)], seq_len=16,
+                                                    skip_malformed=True), tok, 0)
+    assert train.num_skipped == 1 and len(train) > 0
+    with pytest.raises(DataError, match=r"chat\.jsonl:2"):
+        sft_datasets(SFTDataConfig(files=[str(chat)], eval_files=[str(chat)]), tok, 0)
+    train, _ = sft_datasets(SFTDataConfig(files=[str(chat)], eval_files=[str(chat)], skip_malformed=True), tok, 0)
+    assert train.num_skipped == 1 and len(train) == 1

@@ -109,6 +109,7 @@ class PretrainDataConfig:
     max_operand: int = 99  # built-in problems: largest starting number or operand
     problem_fraction: float = 0.7  # built-in corpus: share of documents that are worked problems (rest: English)
     seq_len: int = 128  # tokens per packed row
+    skip_malformed: bool = False  # skip (and count) malformed JSONL lines instead of stopping at the first one
 
     def validate(self, prefix: str = "data") -> None:
         _positive(self, prefix, "vocab_size", "synthetic_docs", "synthetic_eval_problems", "seq_len")
@@ -130,6 +131,7 @@ class SFTDataConfig:
     max_steps: int = 3  # built-in problems: most solution steps
     max_operand: int = 99  # built-in problems: largest starting number or operand
     max_len: int = 256  # longest conversation (or packed row) in tokens
+    skip_malformed: bool = False  # skip (and count) malformed JSONL lines instead of stopping at the first one
     packing: bool = False  # pack conversations into rows of max_len
 
     def validate(self, prefix: str = "data") -> None:

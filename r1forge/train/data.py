@@ -55,9 +55,13 @@ def pretrain_datasets(cfg: PretrainDataConfig, tokenizer: Tokenizer, seed: int,
                                  cfg.max_operand)
         held_out = PretrainDataset(tokenizer, cfg.seq_len, texts=[pretrain_text(p) for p in problems], seed=None)
         return train, held_out
-    train = PretrainDataset(tokenizer, cfg.seq_len, files=cfg.files, seed=seed)
+    train = PretrainDataset(tokenizer, cfg.seq_len, files=cfg.files, seed=seed, skip_malformed=cfg.skip_malformed)
+    _report_skipped(train, cfg.files)
     if cfg.eval_files:
-        return train, PretrainDataset(tokenizer, cfg.seq_len, files=cfg.eval_files, seed=None)
+        held_out = PretrainDataset(tokenizer, cfg.seq_len, files=cfg.eval_files, seed=None,
+                                   skip_malformed=cfg.skip_malformed)
+        _report_skipped(held_out, cfg.eval_files)
+        return train, held_out
     n_eval = int(len(train) * cfg.eval_fraction)
     if n_eval == 0:
         return train, None
@@ -85,10 +89,18 @@ def sft_datasets(cfg: SFTDataConfig, tokenizer: Tokenizer, seed: int) -> tuple[S
     """(train, held-out) chat datasets, labels on assistant tokens only."""
     train_records, eval_records = sft_records(cfg, seed)
     train = SFTDataset(tokenizer, cfg.max_len, files=cfg.files or None, records=train_records or None,
-                       packing=cfg.packing, seed=seed)
+                       packing=cfg.packing, seed=seed, skip_malformed=cfg.skip_malformed)
     held_out = SFTDataset(tokenizer, cfg.max_len, files=cfg.eval_files or None, records=eval_records or None,
-                          packing=cfg.packing, seed=None)
+                          packing=cfg.packing, seed=None, skip_malformed=cfg.skip_malformed)
+    _report_skipped(train, cfg.files)
+    _report_skipped(held_out, cfg.eval_files)
     return train, held_out
+
+
+def _report_skipped(dataset: Any, files: list[str]) -> None:
+    skipped = getattr(dataset, "num_skipped", 0)
+    if skipped:
+        print(f"skipped {skipped} malformed line(s) in {', '.join(files)} (data.skip_malformed)")
 
 
 def target_counts(dataset: Any, vocab_size: int) -> torch.Tensor:
