@@ -72,7 +72,7 @@ GRPO: dict[str, Any] = {
              "temperature": 0.8, "learning_rate": 5.0e-5, "warmup_steps": 5, "beta": 0.0, "loss_type": "dapo",
              "epsilon_low": 0.2, "epsilon_high": 0.28, "scale_rewards": "batch", "template": "chat",
              "micro_batch_size": 64, "bias_update_gamma": 0.0, "log_completions_every": 10},
-    "log": {"eval_every": 0, "eval_problems": 500, "eval_before": False, "save_every": 20, "keep_last": 1,
+    "log": {"eval_every": 0, "eval_problems": 500, "eval_before": True, "save_every": 20, "keep_last": 1,
             "tensorboard": True, "progress": True, "plots": True},
 }
 PASS_AT_K = 8
