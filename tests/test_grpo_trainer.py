@@ -152,3 +152,14 @@ def test_grpo_reads_prompt_files(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"question": "no answer"}) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:1:.*answer"):
         grpo_examples(GRPODataConfig(files=[str(bad)]), seed=0)
+
+
+def test_grpo_command_prints_config_and_names_bad_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    from r1forge.cli import main
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "grpo_tiny.yaml")
+    assert main(["grpo", config, "--print-config", "--grpo.beta", "0.04"]) == 0
+    out = capsys.readouterr().out
+    assert "beta: 0.04" in out and "loss_type: dapo" in out
+    assert main(["grpo", config, "--grpo.bta", "0.04"]) == 2
+    assert "grpo.bta" in capsys.readouterr().err

@@ -17,4 +17,8 @@ def run(args: argparse.Namespace) -> int:
     from r1forge.demo import run_demo
     from r1forge.train.cli import run_with_errors
 
-    return run_with_errors(lambda: (run_demo(args.out, grpo_steps=args.grpo_steps), 0)[1])
+    def main() -> int:
+        run_demo(args.out, grpo_steps=args.grpo_steps)
+        return 0
+
+    return run_with_errors(main)
