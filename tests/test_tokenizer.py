@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 
 import pytest
 
@@ -86,9 +85,7 @@ def tok_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok")
     corpus_file = out.parent / "corpus.txt"
     corpus_file.write_text("\n".join(UNICODE_TEXTS) + "\n", encoding="utf-8")
-    start = time.perf_counter()
     train_tokenizer([str(corpus_file)], out, vocab_size=1024, texts=make_pretrain_corpus(1500, seed=0))
-    assert time.perf_counter() - start < 20  # seconds, on 2 CPU cores
     return out
 
 
