@@ -136,7 +136,7 @@ def test_pathological_expression_times_out_and_worker_recovers():
         assert reward("", "<answer>2x</answer>", answer="2*x") == 1.0  # worker started and warm
         start = time.perf_counter()
         assert reward("", "<answer>9^{9^{9}}</answer>", answer="x") == 0.0  # a 370-million-digit integer
-        assert time.perf_counter() - start < 10.0
+        assert time.perf_counter() - start < 5 * fast.timeout_s  # the timeout fired, not the computation
         assert REWARD_STATS.count("accuracy_timeout", "timeout") == 1
         assert reward("", "<answer>x+1</answer>", answer="1+x") == 1.0  # a fresh worker answers again
         assert fast.restarts == 1
