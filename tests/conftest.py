@@ -62,7 +62,7 @@ def build_hf_model(arch: str = "v3", seed: int = 0, std: float = 0.2, **override
 
     `overrides` are transformers config kwargs on top of TINY_V3 / TINY_V2 (e.g. `rope_parameters={...}`).
     """
-    transformers = pytest.importorskip("transformers")
+    import transformers
     if arch not in ("v3", "v2"):
         raise ValueError(f"arch must be 'v3' or 'v2', got {arch!r}")
     base = TINY_V3 if arch == "v3" else TINY_V2

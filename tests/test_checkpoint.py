@@ -809,12 +809,10 @@ def test_quantization_config_is_not_written_with_dequantised_weights(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- real model
 def _real_tiny(with_mtp: bool, seed: int = 0):
-    try:
-        from r1forge.config import ModelConfig
-        from r1forge.model import build_model
-        config = ModelConfig.from_preset("tiny", num_nextn_predict_layers=1)
-    except (ImportError, AttributeError, ValueError) as e:
-        pytest.skip(f"r1forge.model.build_model / ModelConfig.from_preset('tiny') not available yet: {e}")
+    from r1forge.config import ModelConfig
+    from r1forge.model import build_model
+
+    config = ModelConfig.from_preset("tiny", num_nextn_predict_layers=1)
     torch.manual_seed(seed)
     model = build_model(config, with_mtp=with_mtp).eval()
     with torch.no_grad():

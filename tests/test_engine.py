@@ -54,7 +54,7 @@ def _greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
 
 
 def test_greedy_equals_transformers_generate(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     torch.manual_seed(0)
     hf_cfg = transformers.DeepseekV3Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,

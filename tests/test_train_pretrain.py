@@ -43,7 +43,7 @@ def test_held_out_loss_beats_unigram(run: tuple[Path, TrainResult]) -> None:
 
 
 def test_checkpoint_loads_in_transformers_and_r1forge(run: tuple[Path, TrainResult]) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     _, result = run
     ckpt = result.checkpoint
     assert ckpt.name == "step-00000080"
@@ -59,7 +59,7 @@ def test_checkpoint_loads_in_transformers_and_r1forge(run: tuple[Path, TrainResu
 
 
 def test_saved_tokenizer_loads_in_autotokenizer(run: tuple[Path, TrainResult]) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     ckpt = run[1].checkpoint
     hf_tok = transformers.AutoTokenizer.from_pretrained(ckpt)
     tok = load_tokenizer(ckpt)
