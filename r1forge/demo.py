@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from r1forge.rl.grpo_run import GRPORunConfig, grpo_examples, run_grpo
+from r1forge.rl.grpo_trainer import EvalResult
 from r1forge.train.config import PretrainRunConfig, SFTRunConfig, config_from_dict
 
 DONE_FILE = "DONE.json"
@@ -134,7 +135,9 @@ def _pass_at_k(llm: Any, tokenizer: Any, examples: list[dict[str, Any]], k: int,
 
 
 def _evaluate_checkpoint(model_dir: Path, examples: list[dict[str, Any]], max_tokens: int,
-                         pass_at_k_problems: int, temperature: float) -> dict[str, Any]:
+                         pass_at_k_problems: int, temperature: float,
+                         greedy: EvalResult | None = None) -> dict[str, Any]:
+    """Greedy accuracy (unless `greedy` already holds it for this model) and sampled pass@1 / pass@k."""
     from r1forge.data import load_tokenizer
     from r1forge.engine import LLM
     from r1forge.loading import load_model
@@ -143,17 +146,21 @@ def _evaluate_checkpoint(model_dir: Path, examples: list[dict[str, Any]], max_to
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, device="cpu")
     llm = LLM(model, tokenizer=tokenizer, max_num_seqs=256, block_size=16)
-    t0 = time.perf_counter()
-    result = evaluate(llm, tokenizer, examples, "chat", max_tokens, progress=True)
-    greedy_s = time.perf_counter() - t0
+    result = greedy or evaluate(llm, tokenizer, examples, "chat", max_tokens, progress=True)
     p1, pk = _pass_at_k(llm, tokenizer, examples[:pass_at_k_problems], PASS_AT_K, max_tokens,
                         temperature)
     sample = next((i for i, ok in enumerate(result.correct) if ok), 0)
     return {"accuracy": result.accuracy, "stderr": result.stderr, "format_rate": result.format_rate,
             "response_length": result.mean_length, "problems": result.num_problems, "pass@1": p1,
-            f"pass@{PASS_AT_K}": pk, "greedy_seconds": greedy_s, "sample_question": examples[sample]["question"],
+            f"pass@{PASS_AT_K}": pk, "sample_question": examples[sample]["question"],
             "sample_answer": examples[sample]["answer"], "sample_completion": result.completions[sample],
             "correct": result.correct}
+
+
+def _as_eval_result(record: dict[str, Any]) -> EvalResult:
+    """A cached evaluation (eval_*.json) back as the EvalResult GRPO logs."""
+    return EvalResult(record["accuracy"], record["format_rate"], record["response_length"], record["problems"],
+                      [], record["correct"])
 
 
 def _newest_model(run_dir: Path) -> Path:
@@ -246,9 +253,11 @@ def run_demo(out_dir: str | Path = "runs/demo", grpo_steps: int | None = None,
     _banner(f"4/5 GRPO: {grpo_cfg.grpo.steps} steps x {grpo_cfg.grpo.prompts_per_step} prompts x "
             f"G={grpo_cfg.grpo.num_generations}, rewards {grpo_cfg.rewards}, loss {grpo_cfg.grpo.loss_type}")
     plots: list[str]
+    after_greedy: EvalResult | None = None
     if _done(grpo_dir) is None:
         t0 = time.perf_counter()
-        result = run_grpo(grpo_cfg, resume=(grpo_dir / "checkpoints").is_dir())
+        result = run_grpo(grpo_cfg, resume=(grpo_dir / "checkpoints").is_dir(), before=_as_eval_result(before))
+        after_greedy = result.after
         timings["grpo"] = time.perf_counter() - t0
         plots = [str(p) for p in result.plots]
         _mark_done(grpo_dir, {"steps": result.step, "seconds": timings["grpo"], "plots": plots})
@@ -266,7 +275,7 @@ def run_demo(out_dir: str | Path = "runs/demo", grpo_steps: int | None = None,
     else:
         t0 = time.perf_counter()
         after = _evaluate_checkpoint(_newest_model(grpo_dir), held_out, max_tokens, pass_at_k_problems,
-                                      grpo_cfg.grpo.temperature)
+                                      grpo_cfg.grpo.temperature, greedy=after_greedy)
         timings["eval_after"] = time.perf_counter() - t0
         after_file.write_text(json.dumps(after))
 

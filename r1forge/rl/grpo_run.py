@@ -148,8 +148,11 @@ def eval_record(result: EvalResult, prefix: str = "eval") -> dict[str, float]:
             f"{prefix}/problems": result.num_problems}
 
 
-def run_grpo(cfg: GRPORunConfig, resume: bool = False) -> GRPOResult:
-    """Train the `model.init_from` policy with GRPO as `cfg` says; evaluate before and after on held-out problems."""
+def run_grpo(cfg: GRPORunConfig, resume: bool = False, before: EvalResult | None = None) -> GRPOResult:
+    """Train the `model.init_from` policy with GRPO as `cfg` says; evaluate before and after on held-out problems.
+
+    `before`: the initial policy's held-out evaluation when the caller already made it (logged, not recomputed).
+    """
     if cfg.model.init_from is None:
         raise ValueError("model.init_from: GRPO starts from a trained policy (a checkpoint or run directory)")
     run_dir = Path(cfg.run_dir)
@@ -185,9 +188,9 @@ def run_grpo(cfg: GRPORunConfig, resume: bool = False) -> GRPOResult:
 
     trainer.log_completions = log_completions
     REWARD_STATS.reset()
-    before = None
-    if cfg.log.eval_before and held_out and checkpoint is None:
+    if before is None and cfg.log.eval_before and held_out and checkpoint is None:
         before = trainer.evaluate(held_out, progress=cfg.log.progress)
+    if before is not None and checkpoint is None:
         logger.log(0, {"event": "eval", **eval_record(before)})
         print(f"before GRPO: accuracy {before.accuracy:.3f} +- {before.stderr:.3f}, format {before.format_rate:.3f}, "
               f"length {before.mean_length:.1f} tokens on {before.num_problems} held-out problems")

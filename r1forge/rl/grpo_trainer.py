@@ -187,9 +187,13 @@ class GRPOTrainer:
             mask = mask * (~batch.truncated).float()[:, None]
         t1 = time.perf_counter()
         self.model.train()
+        ref_logprobs = None  # the reference is frozen: its logprobs serve every one of the mu passes
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref_logprobs, _ = completion_logprobs(self.ref_model, batch, cfg.temperature, cfg.micro_batch_size)
         loss_metrics: dict[str, float] = {}
         for _ in range(cfg.num_iterations):
-            loss_metrics = self._optimise(batch, advantages, mask)
+            loss_metrics = self._optimise(batch, advantages, mask, ref_logprobs)
         self.model.eval()
         self.llm.reset_prefix_cache()
         self.step_count += 1
@@ -217,7 +221,8 @@ class GRPOTrainer:
                  "answer": batch.examples[i].get("answer")} for i in range(min(N, G))])
         return metrics
 
-    def _optimise(self, batch: RolloutBatch, advantages: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    def _optimise(self, batch: RolloutBatch, advantages: torch.Tensor, mask: torch.Tensor,
+                  ref_logprobs: torch.Tensor | None) -> dict[str, float]:
         cfg = self.config
         N = batch.num_completions
         total_tokens = mask.sum().clamp(min=1)
@@ -229,10 +234,7 @@ class GRPOTrainer:
             part = batch.select(torch.zeros(N, dtype=torch.bool).index_fill_(0, torch.arange(s, min(s + mb, N)), True))
             m = mask[s : s + mb]
             logprobs, entropy = completion_logprobs(self.model, part, cfg.temperature)
-            ref = None
-            if self.ref_model is not None:
-                with torch.no_grad():
-                    ref, _ = completion_logprobs(self.ref_model, part, cfg.temperature)
+            ref = None if ref_logprobs is None else ref_logprobs[s : s + mb]
             loss, info = grpo_loss(logprobs, part.old_logprobs, advantages[s : s + mb], m, ref_logprobs=ref,
                                    beta=cfg.beta, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                                    loss_type=cfg.loss_type, max_completion_length=m.shape[1])
