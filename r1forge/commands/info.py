@@ -129,18 +129,8 @@ def human_bytes(n: float) -> str:
 
 
 def mtp_parameters(config: ModelConfig) -> int:
-    """Parameters of the MTP modules (one decoder block + eh_proj and norms each), counted on the meta device.
-
-    One module is built instead of a second whole model: `count_parameters(include_mtp=True)` would rebuild all
-    61 layers of V3 just to take a difference.
-    """
-    import torch
-
-    from r1forge.model import MTPModule
-
-    with torch.device("meta"):
-        module = MTPModule(config, config.num_hidden_layers)
-    return config.num_nextn_predict_layers * sum(p.numel() for p in module.parameters())
+    """Parameters of the MTP modules (one decoder block + eh_proj and norms each), counted on the meta device."""
+    return count_parameters(config, include_mtp=True)[0] - count_parameters(config)[0]
 
 
 def describe(config: ModelConfig, checkpoint: CheckpointSummary | None = None, context: int = 32768,

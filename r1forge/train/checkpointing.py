@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from r1forge.checkpoint import save_checkpoint
-from r1forge.checkpoint.atomic import fsync_path
+from r1forge.checkpoint.atomic import exchange_directories, fsync_path
 
 TRAINING_STATE_FILE = "training_state.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -173,7 +173,9 @@ def save_training_checkpoint(directory: str | os.PathLike, step: int, model: nn.
         _write_state(staging / TRAINING_STATE_FILE, state)
         _write_json(staging / TRAINER_STATE_FILE, {"step": step, **(info or {})})
         fsync_path(staging)
-        if final.exists():  # re-saving a step (e.g. a run restarted without --resume over its own folder)
+        if final.exists() and exchange_directories(staging, final):  # re-saving a step: one atomic swap
+            shutil.rmtree(staging, ignore_errors=True)  # now holds the old checkpoint
+        elif final.exists():  # no renameat2: two renames (a crash between them leaves the old copy in trash)
             trash = directory / f".{final.name}.tmp-old-{secrets.token_hex(4)}"
             os.rename(final, trash)
             os.rename(staging, final)

@@ -105,12 +105,9 @@ def _report_skipped(dataset: Any, files: list[str]) -> None:
 
 def target_counts(dataset: Any, vocab_size: int) -> torch.Tensor:
     """How often each token id is a training target (labels != -100) across the dataset [vocab_size]."""
-    counts = torch.zeros(vocab_size, dtype=torch.float64)
-    for i in range(len(dataset)):
-        labels = dataset[i]["labels"]
-        labels = labels[labels != IGNORE_INDEX]
-        counts += torch.bincount(labels, minlength=vocab_size)[:vocab_size].double()
-    return counts
+    labels = torch.cat([dataset[i]["labels"].flatten() for i in range(len(dataset))]) if len(dataset) else \
+        torch.zeros(0, dtype=torch.long)
+    return torch.bincount(labels[labels != IGNORE_INDEX], minlength=vocab_size)[:vocab_size].double()
 
 
 def unigram_entropy(counts: torch.Tensor) -> float:

@@ -12,10 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 
-class TrainingDiverged(RuntimeError):
-    """Raised (or reported) when `max_bad_steps` consecutive steps were non-finite."""
-
-
 @dataclass
 class NonFiniteGuard:
     """Counts consecutive bad steps.

@@ -160,17 +160,18 @@ class Trainer:
         return nullcontext()
 
     def next_batches(self) -> list[Batch]:
-        """The step's micro-batches, on the model's device."""
-        return [{k: v.to(self.device, non_blocking=True) for k, v in next(self.loader).items()}
-                for _ in range(self.config.grad_accum)]
+        """The step's micro-batches, still on the CPU (counting them there costs no device sync)."""
+        return [next(self.loader) for _ in range(self.config.grad_accum)]
 
     def train_step(self) -> StepOutput:
         """One optimizer step (see the module docstring)."""
         self.model.train()
-        batches = self.next_batches()
-        norms = self.loss.normalizers(self.model, batches)
+        cpu_batches = self.next_batches()
+        norms = self.loss.normalizers(self.model, cpu_batches)
+        tokens = sum(int(b["attention_mask"].sum()) if b.get("attention_mask") is not None else b["input_ids"].numel()
+                     for b in cpu_batches)
+        batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in cpu_batches]
         sums: dict[str, torch.Tensor] = {}
-        tokens = 0
         for batch in batches:
             with self.autocast():
                 out = self.loss(self.model, batch, norms, len(batches))
@@ -179,9 +180,7 @@ class Trainer:
                 self.tracker.collect()
             for key, value in out.metrics.items():
                 sums[key] = sums[key] + value if key in sums else value
-            mask = batch.get("attention_mask")
-            tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        metrics = {key: value.item() for key, value in sums.items()}
+        metrics = dict(zip(sums, torch.stack([v.detach().float() for v in sums.values()]).tolist())) if sums else {}
         lr = self.optimizer.param_groups[0]["lr"]
         grad_norm = math.nan
         if self.guard.is_finite(*metrics.values()):
