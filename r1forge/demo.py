@@ -19,11 +19,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from r1forge.rl.grpo_run import GRPORunConfig, grpo_examples, run_grpo
 from r1forge.rl.grpo_trainer import EvalResult
@@ -78,12 +75,6 @@ GRPO: dict[str, Any] = {
 }
 PASS_AT_K = 8
 PASS_AT_K_PROBLEMS = 200
-
-
-@dataclass
-class StageTimer:
-    name: str
-    seconds: float = 0.0
 
 
 def _done(stage_dir: Path) -> dict[str, Any] | None:
@@ -189,7 +180,6 @@ def run_demo(out_dir: str | Path = "runs/demo", grpo_steps: int | None = None,
     if unknown:
         raise ValueError(f"overrides: unknown stage(s) {sorted(unknown)}; stages are pretrain, sft, grpo")
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -254,7 +244,8 @@ def run_demo(out_dir: str | Path = "runs/demo", grpo_steps: int | None = None,
             f"G={grpo_cfg.grpo.num_generations}, rewards {grpo_cfg.rewards}, loss {grpo_cfg.grpo.loss_type}")
     plots: list[str]
     after_greedy: EvalResult | None = None
-    if _done(grpo_dir) is None:
+    done = _done(grpo_dir)
+    if done is None:
         t0 = time.perf_counter()
         result = run_grpo(grpo_cfg, resume=(grpo_dir / "checkpoints").is_dir(), before=_as_eval_result(before))
         after_greedy = result.after
@@ -263,7 +254,7 @@ def run_demo(out_dir: str | Path = "runs/demo", grpo_steps: int | None = None,
         _mark_done(grpo_dir, {"steps": result.step, "seconds": timings["grpo"], "plots": plots})
         _invalidate(out, after="grpo")
     else:
-        plots = _done(grpo_dir)["plots"]
+        plots = done["plots"]
         print(f"cached: {grpo_dir} (delete it to redo this stage)")
 
     # 5. evaluation after RL

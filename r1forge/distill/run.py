@@ -21,7 +21,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,6 +38,9 @@ from r1forge.train.config import save_run_config
 from r1forge.train.data import make_loader
 from r1forge.train.runs import prepare_run_dir, resolve_device, seed_everything
 from r1forge.train.trainer import Trainer
+
+if TYPE_CHECKING:
+    from r1forge.engine import LLM
 
 TRACES_FILE = "traces.jsonl"
 REPORT_FILE = "report.json"

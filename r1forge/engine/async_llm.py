@@ -144,7 +144,8 @@ class AsyncLLM:
         final delta."""
         for delta in deltas:
             self._send(delta.request_id, delta)
-        for rid in dict.fromkeys(d.request_id for d in deltas):
+        # a request can only have finished in a step where one of its deltas carries a finish reason
+        for rid in dict.fromkeys(d.request_id for d in deltas if d.finish_reason is not None):
             req = self.engine.requests.get(rid)
             if req is not None and req.finished:
                 del self.engine.requests[rid]

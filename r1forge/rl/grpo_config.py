@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-SCALE_REWARDS = ("group", "batch", "none")
+from r1forge.rl.grpo_loss import LOSS_TYPES, SCALE_REWARDS
 TEMPLATES = ("r1-zero", "chat")
 
 

@@ -19,16 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from r1forge.data import load_tokenizer
 from r1forge.data.jsonl import DataError, iter_jsonl
 from r1forge.data.synthetic import KINDS, make_problems, rl_example
 from r1forge.rl.grpo_config import GRPOConfig
 from r1forge.rl.grpo_trainer import EvalResult, GRPOTrainer
 from r1forge.rl.rewards import REWARD_STATS, combine_rewards
-from r1forge.train.checkpointing import (CHECKPOINTS_DIR, load_training_checkpoint, resolve_model_dir,
-                                         save_training_checkpoint)
+from r1forge.train.checkpointing import CHECKPOINTS_DIR, resolve_model_dir, save_training_checkpoint
 from r1forge.train.config import ModelSection, save_run_config
 from r1forge.train.metrics import MetricsLogger, Progress
 from r1forge.train.runs import build_run_model, prepare_run_dir, resolve_device, seed_everything

@@ -26,11 +26,12 @@ import torch
 
 from r1forge.engine import LLM
 from r1forge.rl.grpo_config import GRPOConfig
-from r1forge.rl.grpo_loss import dynamic_sampling_filter, group_advantages, grpo_loss
+from r1forge.rl.grpo_loss import dynamic_sampling_filter, group_advantages, grpo_loss, zero_std_group_fraction
 from r1forge.rl.rewards import overlong_penalty
 from r1forge.rl.rollout import RolloutBatch, completion_logprobs, generate_rollouts
 from r1forge.rl.templates import render_prompt
 from r1forge.train.balance import ExpertLoadTracker, update_router_biases
+from r1forge.train.schedule import build_scheduler
 
 
 @dataclass
@@ -62,7 +63,6 @@ def _cat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
         {k: torch.cat([b.reward_components[k] for b in batches]) for k in first.reward_components},
         torch.cat([b.truncated for b in batches]), sum((b.prompts for b in batches), []),
         sum((b.completions for b in batches), []), sum((b.examples for b in batches), []), first.num_generations,
-        first.stats,
     )
 
 
@@ -89,9 +89,7 @@ class GRPOTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                            weight_decay=config.weight_decay)
-        warm = max(config.warmup_steps, 0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.steps, min_lr_ratio=1.0)  # constant
         self.rng = random.Random(config.seed)
         self.order: list[int] = []
         self.step_count = 0
@@ -155,7 +153,7 @@ class GRPOTrainer:
         cfg = self.config
         G, max_len = cfg.num_generations, cfg.completion_length_at(self.step_count)
         t0 = time.perf_counter()
-        batches, groups_seen, groups_dropped = [], 0, 0
+        batches, groups_dropped = [], 0
         for round_ in range(1 + (cfg.max_resample_rounds if cfg.dynamic_sampling else 0)):
             batch = self.rollout(self._next_examples(cfg.prompts_per_step), max_len,
                                  seed=cfg.seed * 1_000_003 + self.step_count * 101 + round_)
@@ -163,7 +161,6 @@ class GRPOTrainer:
                 lengths = batch.completion_mask.sum(1)
                 batch.rewards = batch.rewards + cfg.overlong_penalty_factor * torch.tensor(
                     [overlong_penalty(int(n), max_len, cfg.overlong_buffer) for n in lengths])
-            groups_seen += batch.num_completions // G
             if cfg.dynamic_sampling:
                 keep_groups = dynamic_sampling_filter(batch.rewards, G)
                 groups_dropped += int((~keep_groups).sum())
@@ -201,12 +198,11 @@ class GRPOTrainer:
             self.ref_model.load_state_dict(self.model.state_dict())
             self.ref_synced = True
         train_time = time.perf_counter() - t1
-        r = batch.rewards.view(-1, G)
         tokens = batch.completion_mask.sum().item()
         metrics.update(loss_metrics)
         metrics.update(
             reward_mean=batch.rewards.mean().item(), reward_std=batch.rewards.std().item() if N > 1 else 0.0,
-            zero_std_fraction=(r.std(1) == 0).float().mean().item() if groups_seen else 0.0,
+            zero_std_fraction=zero_std_group_fraction(batch.rewards, G).item(),
             completion_length=batch.completion_mask.sum(1).mean().item(),
             truncated_fraction=batch.truncated.float().mean().item(),
             rollout_tokens_per_s=tokens / max(rollout_time, 1e-9), train_tokens_per_s=tokens * cfg.num_iterations

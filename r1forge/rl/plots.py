@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from r1forge.train.metrics import read_metrics
+from r1forge.train.plots import _series
 
 # (file name, title, y label, [(metric key, legend label)])
 _PANELS: list[tuple[str, str, str, list[tuple[str, str]]]] = [
@@ -36,11 +36,6 @@ def _running_mean(values: list[float], window: int) -> list[float]:
             total -= values[i - window]
         out.append(total / min(i + 1, window))
     return out
-
-
-def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-    return [p[0] for p in points], [p[1] for p in points]
 
 
 def plot_grpo_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:

@@ -8,7 +8,7 @@ update. The sampled tokens' logprobs it reports are the sampling policy's (pi_ol
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +32,6 @@ class RolloutBatch:
     completions: list[str]
     examples: list[dict[str, Any]]  # the example of each completion (answer etc.), repeated G times
     num_generations: int
-    stats: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_completions(self) -> int:
@@ -46,7 +45,7 @@ class RolloutBatch:
             self.input_ids[idx], self.completion_start[idx], self.completion_ids[idx], self.completion_mask[idx],
             self.old_logprobs[idx], self.rewards[idx], {k: v[idx] for k, v in self.reward_components.items()},
             self.truncated[idx], pick(self.prompts), pick(self.completions), pick(self.examples),
-            self.num_generations, dict(self.stats),
+            self.num_generations,
         )
 
 
@@ -89,14 +88,12 @@ def generate_rollouts(llm: LLM, prompt_ids: list[list[int]], prompts: list[str],
             old[i, : len(c)] = torch.tensor(lp)
         mask[i, : len(c)] = 1.0
         start[i] = len(p)
-    lengths = mask.sum(1)
     return RolloutBatch(
         input_ids=input_ids, completion_start=start, completion_ids=completion_ids, completion_mask=mask,
         old_logprobs=old, rewards=torch.tensor(rewards, dtype=torch.float32),
         reward_components={k: torch.tensor(v, dtype=torch.float32) for k, v in comps.items()},
         truncated=torch.tensor([r[3] for r in rows]), prompts=prompt_rep, completions=texts, examples=ex_rep,
         num_generations=num_generations,
-        stats={"completion_length": lengths.mean().item(), "truncated_fraction": sum(r[3] for r in rows) / N},
     )
 
 
@@ -113,11 +110,11 @@ def completion_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature
     offsets = torch.arange(L)
     for s in range(0, N, mb):
         ids = batch.input_ids[s : s + mb]
-        logits = model(ids).float() / temperature  # [n, T, V]
-        # logits at position start-1+t predict completion token t
+        hidden = model.model(ids)  # [n, T, D]
+        # the hidden state at position start-1+t predicts completion token t; the head runs on those positions only
         pos = (batch.completion_start[s : s + mb, None] - 1 + offsets[None, :]).clamp(max=ids.shape[1] - 1)
-        picked = logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1]))  # [n, L, V]
-        logp = picked.log_softmax(-1)
+        picked = hidden.gather(1, pos[:, :, None].expand(-1, -1, hidden.shape[-1]))  # [n, L, D]
+        logp = (model.lm_head(picked).float() / temperature).log_softmax(-1)  # [n, L, V]
         lps.append(logp.gather(2, batch.completion_ids[s : s + mb, :, None]).squeeze(2))
         with torch.no_grad():
             ents.append(-(logp.exp() * logp).sum(-1))

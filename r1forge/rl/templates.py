@@ -27,6 +27,5 @@ def render_prompt(tokenizer: Any, question: str, template: str) -> tuple[str, li
     if template == "chat":
         messages = [{"role": "user", "content": question}]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=True, tokenize=False)
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=True, tokenize=True)
-        return text, list(ids)
+        return text, tokenizer.encode(text)  # what tokenize=True gives, without rendering the template twice
     raise ValueError(f"unknown template {template!r}; expected 'r1-zero' or 'chat'")

@@ -33,6 +33,7 @@ from r1forge.serve.protocol import (
     CompletionResponse, DeltaMessage, DeltaToolCall, ModelCard, ModelList, ResponseToolCall, TokenLogprob,
     TopLogprob, Usage, api_error, effective_max_tokens, format_validation_error, new_id, sse, validate_limits,
 )
+from r1forge.data.tokenizer import _UNICODE_TO_BYTE
 from r1forge.serve.reasoning import ReasoningStreamParser, prompt_opens_think
 from r1forge.serve.server import (
     ClientGone, EngineRun, Job, Refused, ServerConfig, SSEResponse, unless_disconnected,
@@ -115,19 +116,7 @@ async def _parse(request: Request, model: type[_M], limit: int) -> _M:
 
 # ---------------------------------------------------------------- response side
 
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's printable stand-ins for bytes, inverted: byte-level BPE spells every token with them."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-_BYTE_OF = _byte_decoder()
+_BYTE_OF = _UNICODE_TO_BYTE  # GPT-2's printable stand-ins for bytes, inverted
 
 
 class TokenText:
@@ -368,8 +357,8 @@ class _Handlers:
         rid, created, model = new_id("chatcmpl"), int(time.time()), self.config.model_name
         run = EngineRun(self.engine, [self._job(req, rid, ids, prompt)], self.metrics, "messages")
         token_text = self.token_text if req.logprobs else None
-        states = [_ChatChoice(i, prompt_opens_think(prompt), req.uses_tools, req.stream, token_text)
-                  for i in range(req.n)]
+        opened = prompt_opens_think(prompt)
+        states = [_ChatChoice(i, opened, req.uses_tools, req.stream, token_text) for i in range(req.n)]
 
         def usage() -> Usage:
             return Usage.of(len(ids), sum(s.num_tokens for s in states), sum(s.num_reasoning_tokens for s in states))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def prepare_run_dir(run_dir: str | Path, resume: bool) -> Path | None:
 
 
 def _resolve_tokenizer(given: str | None, checkpoint: Path | None, init_dir: Path | None, run_dir: Path,
-                       vocab_size: int, files: list[str], texts: list[str] | None) -> Tokenizer:
+                       vocab_size: int, files: list[str], texts: Callable[[], list[str] | None]) -> Tokenizer:
     """The run's tokenizer: the configured one, the resumed checkpoint's, the init model's, or a new one."""
     if given is not None:
         return load_tokenizer(given)
@@ -82,7 +83,7 @@ def _resolve_tokenizer(given: str | None, checkpoint: Path | None, init_dir: Pat
             return load_tokenizer(directory)
     out = run_dir / "tokenizer"
     print(f"training a {vocab_size}-token BPE tokenizer on the training data -> {out}")
-    train_tokenizer(files or None, out, vocab_size=vocab_size, texts=texts)
+    train_tokenizer(files or None, out, vocab_size=vocab_size, texts=texts())
     return load_tokenizer(out)
 
 
@@ -127,11 +128,17 @@ def _run(cfg: Any, resume: bool, make_data: Any, tokenizer_texts: Any, kind: str
     seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device)
     init_dir = resolve_model_dir(cfg.model.init_from) if cfg.model.init_from else None
-    texts = tokenizer_texts()
+    made: list[list[str] | None] = []  # the built-in texts, generated only if a tokenizer is trained on them
+
+    def texts() -> list[str] | None:
+        if not made:
+            made.append(tokenizer_texts())
+        return made[0]
+
     tokenizer = _resolve_tokenizer(cfg.data.tokenizer, checkpoint, init_dir, run_dir, cfg.data.vocab_size,
                                    cfg.data.files, texts)
     model = build_run_model(cfg.model, tokenizer, device)
-    train_ds, eval_ds = make_data(tokenizer, texts)
+    train_ds, eval_ds = make_data(tokenizer, made[0] if made else None)
     counts = target_counts(train_ds, model.config.vocab_size)
     entropy = unigram_entropy(counts)
     n_params = sum(p.numel() for p in model.parameters())
