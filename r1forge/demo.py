@@ -24,6 +24,7 @@ from typing import Any
 
 from r1forge.rl.grpo_run import GRPORunConfig, grpo_examples, run_grpo
 from r1forge.rl.grpo_trainer import EvalResult
+from r1forge.rl.rejection import write_json
 from r1forge.train.config import PretrainRunConfig, SFTRunConfig, config_from_dict
 
 DONE_FILE = "DONE.json"
@@ -83,9 +84,7 @@ def _done(stage_dir: Path) -> dict[str, Any] | None:
 
 
 def _mark_done(stage_dir: Path, info: dict[str, Any]) -> None:
-    tmp = stage_dir / (DONE_FILE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1))
-    tmp.replace(stage_dir / DONE_FILE)
+    write_json(stage_dir / DONE_FILE, info)
 
 
 _STAGE_OUTPUTS = ["pretrain", "sft", "eval_before.json", "grpo", "eval_after.json"]
@@ -234,7 +233,7 @@ def run_demo(out_dir: str | Path = "runs/demo", grpo_steps: int | None = None,
         before = _evaluate_checkpoint(_newest_model(sft_dir), held_out, max_tokens, pass_at_k_problems,
                                       grpo_cfg.grpo.temperature)
         timings["eval_before"] = time.perf_counter() - t0
-        before_file.write_text(json.dumps(before))
+        write_json(before_file, before)  # atomic: these files are cache markers
     print(f"greedy accuracy {before['accuracy']:.3f} +- {before['stderr']:.3f}; sampled pass@1 "
           f"{before['pass@1']:.3f}, pass@{PASS_AT_K} {before[f'pass@{PASS_AT_K}']:.3f}")
 
@@ -268,12 +267,12 @@ def run_demo(out_dir: str | Path = "runs/demo", grpo_steps: int | None = None,
         after = _evaluate_checkpoint(_newest_model(grpo_dir), held_out, max_tokens, pass_at_k_problems,
                                       grpo_cfg.grpo.temperature, greedy=after_greedy)
         timings["eval_after"] = time.perf_counter() - t0
-        after_file.write_text(json.dumps(after))
+        write_json(after_file, after)
 
     summary = _report(before, after, plots, grpo_cfg.grpo.steps)
     summary["timings"] = timings
     summary["seconds"] = time.perf_counter() - t_all
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "summary.json", summary)
     print(f"\ndemo finished in {summary['seconds'] / 60:.1f} min (stages run now: "
           + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"); everything is under {out}")
     return summary

@@ -142,14 +142,32 @@ class AsyncLLM:
         """Hand each delta to its stream; then end the streams of the requests that finished. Ending them only
         after the whole batch matters for n > 1: the completions that finish in the same step all get their
         final delta."""
-        for delta in deltas:
-            self._send(delta.request_id, delta)
+        items: list[tuple[str, StreamDelta | None]] = [(d.request_id, d) for d in deltas]
         # a request can only have finished in a step where one of its deltas carries a finish reason
         for rid in dict.fromkeys(d.request_id for d in deltas if d.finish_reason is not None):
             req = self.engine.requests.get(rid)
             if req is not None and req.finished:
                 del self.engine.requests[rid]
-                self._end(rid)
+                items.append((rid, None))
+        self._send_many(items)
+        for rid, item in items:
+            if item is None:
+                self._streams.pop(rid, None)
+
+    def _send_many(self, items: list[tuple[str, StreamDelta | None]]) -> None:
+        """Queue a step's items with one wake-up per consumer event loop, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, asyncio.Queue, StreamDelta | None]]] = {}
+        for rid, item in items:
+            target = self._streams.get(rid)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((rid, target[1], item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, [(q, item) for _, q, item in batch])
+            except RuntimeError:  # the consumer's event loop is closed: nobody listens, so stop generating
+                for rid in dict.fromkeys(rid for rid, _, _ in batch):
+                    if self._streams.pop(rid, None) is not None:
+                        self._commands.put(("abort", rid))
 
     def _end(self, request_id: str) -> None:
         self._send(request_id, None)
@@ -223,3 +241,8 @@ class AsyncLLM:
             for rid in list(self.engine.requests):
                 self.abort(rid)
             self._thread.join(5.0)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, StreamDelta | None]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
