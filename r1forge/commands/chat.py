@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from r1forge.commands.engine_args import add_engine_arguments, engine_kwargs
+
 DIM, RESET, BOLD = "\x1b[2m", "\x1b[0m", "\x1b[1m"
 
 
@@ -15,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--no-think", action="store_true", help="do not open the assistant turn with <think>")
-    p.add_argument("--device", default=None)
+    add_engine_arguments(p)
 
 
 def chat_turn(llm, messages: list[dict], params, thinking: bool, out=sys.stdout) -> str:
@@ -52,7 +54,7 @@ def chat_turn(llm, messages: list[dict], params, thinking: bool, out=sys.stdout)
 def run(args: argparse.Namespace) -> int:
     from r1forge import LLM, SamplingParams
 
-    llm = LLM(args.model, device=args.device)
+    llm = LLM(args.model, **engine_kwargs(args))
     if llm.tokenizer is None:
         raise SystemExit(f"{args.model} has no tokenizer.json")
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)

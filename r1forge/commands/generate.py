@@ -7,6 +7,8 @@ import json
 import sys
 import time
 
+from r1forge.commands.engine_args import add_engine_arguments, engine_kwargs
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint directory (config.json, safetensors, tokenizer.json)")
@@ -21,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[])
     p.add_argument("--json", action="store_true", help="print one JSON object per completion")
-    p.add_argument("--device", default=None)
+    add_engine_arguments(p)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from r1forge import LLM, SamplingParams
 
     prompts = read_prompts(args)
-    llm = LLM(args.model, device=args.device)
+    llm = LLM(args.model, **engine_kwargs(args))
     if llm.tokenizer is None:
         raise SystemExit(f"{args.model} has no tokenizer.json: text prompts need a tokenizer")
     inputs: list = prompts

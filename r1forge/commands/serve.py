@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from r1forge.commands.engine_args import add_engine_arguments, engine_kwargs
+
 if TYPE_CHECKING:
     from r1forge.serve import ServerConfig
 
@@ -30,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the latent cache")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may finish after SIGINT/SIGTERM")
-    p.add_argument("--device", default=None)
+    add_engine_arguments(p)
     p.add_argument("--log-level", default="info")
 
 
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = server_config(args)
     engine = build_engine(args.model, max_waiting=args.max_waiting, max_num_seqs=args.max_num_seqs,
-                          max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory, device=args.device)
+                          max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+                          **engine_kwargs(args))
     serve(engine, config)
     return 0

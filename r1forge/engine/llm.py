@@ -39,13 +39,18 @@ class LLM:
         block_size: tokens per cache block (64, FlashMLA's page size).
         max_num_batched_tokens: token budget of one step (prefill chunks + decodes).
         absorbed: weight-absorbed latent attention (True) or the naive expand-K/V path (False).
+        cuda_graphs: capture decode steps as CUDA graphs (padded to batch and context buckets) and replay
+            them: one launch per step instead of hundreds. CUDA only; off by default.
+        compile: run decode steps through `torch.compile` (dynamic shapes). Works on CPU and GPU; off by
+            default (on this project's CPU it does not pay for its compile time on short runs).
     """
 
     def __init__(self, model: str | os.PathLike | DeepseekForCausalLM, tokenizer: Any | None = None,
                  max_num_seqs: int = 256, kv_cache_memory: int | None = None, block_size: int = 64,
                  max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
                  dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                 enable_prefix_caching: bool = True, absorbed: bool = True) -> None:
+                 enable_prefix_caching: bool = True, absorbed: bool = True, cuda_graphs: bool = False,
+                 compile: bool = False) -> None:
         if isinstance(model, (str, os.PathLike)):
             from r1forge.loading import load_model
 
@@ -72,11 +77,13 @@ class LLM:
             else:
                 cap = _CPU_DEFAULT_CACHE_BYTES
             kv_cache_memory = min(cap, max_num_seqs * (max_len + block_size) * self.cache_bytes_per_token)
-        num_blocks = int(kv_cache_memory // per_block)
+        # A fixed-shape decode step keeps one block of the budget for its padding rows.
+        num_blocks = int(kv_cache_memory // per_block) - (cuda_graphs or compile)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes is less than one cache block ({per_block} bytes)")
         self.engine = LLMEngine(model, tokenizer, num_blocks, block_size, max_num_seqs,
-                                max(max_num_batched_tokens, 1), max_len, enable_prefix_caching, absorbed)
+                                max(max_num_batched_tokens, 1), max_len, enable_prefix_caching, absorbed,
+                                cuda_graphs=cuda_graphs, compile=compile)
 
     # ------------------------------------------------------------------ offline generation
     def generate(self, prompts: str | list[int] | SequenceABC[str | list[int]],

@@ -42,14 +42,17 @@ class Request:
 class LLMEngine:
     def __init__(self, model: DeepseekForCausalLM, tokenizer: Any | None, num_blocks: int, block_size: int = 64,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, absorbed: bool = True) -> None:
+                 enable_prefix_caching: bool = True, absorbed: bool = True, *, cuda_graphs: bool = False,
+                 compile: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_model_len = min(max_model_len or model.config.max_position_embeddings,
                                  model.config.max_position_embeddings)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, block_size, absorbed=absorbed)
+        self.runner = ModelRunner(model, num_blocks, block_size, absorbed=absorbed, compile=compile,
+                                  cuda_graphs=cuda_graphs, max_num_seqs=max_num_seqs,
+                                  max_model_len=self.max_model_len)
         self.requests: dict[str, Request] = {}
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
         if self.eos_token_id is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from r1forge.engine.scheduler import ScheduledBatch
+from r1forge.engine.static_decode import StaticDecoder
 from r1forge.engine.sequence import Sequence
 from r1forge.model import AttentionMetadata, DeepseekForCausalLM
 
@@ -23,20 +24,38 @@ def cache_bytes_per_token(model: DeepseekForCausalLM, dtype: torch.dtype) -> int
 
 
 class ModelRunner:
+    """Args:
+        num_blocks: blocks sequences may own. With `static_decode` the pool holds one more, the null block
+            that padding rows of a fixed-shape decode step write to.
+        static_decode: run pure-decode steps through `StaticDecoder` (fixed shapes); `compile` and
+            `cuda_graphs` are its options. Implied by either.
+        max_model_len: longest sequence, which sizes the static block tables.
+    """
+
     def __init__(self, model: DeepseekForCausalLM, num_blocks: int, block_size: int,
-                 cache_dtype: torch.dtype | None = None, absorbed: bool = True) -> None:
+                 cache_dtype: torch.dtype | None = None, absorbed: bool = True, *, compile: bool = False,
+                 cuda_graphs: bool = False, static_decode: bool = False, max_num_seqs: int = 256,
+                 max_model_len: int | None = None) -> None:
         self.model = model
         self.block_size = block_size
         self.absorbed = absorbed
         param = next(model.parameters())
         self.device = param.device
         self.cache_dtype = cache_dtype or model.model.embed_tokens.weight.dtype
+        static_decode = static_decode or compile or cuda_graphs
         L = model.config.num_hidden_layers
-        self.kv_cache = torch.zeros(L, num_blocks, block_size, latent_width(model), dtype=self.cache_dtype,
-                                    device=self.device)
+        self.kv_cache = torch.zeros(L, num_blocks + static_decode, block_size, latent_width(model),
+                                    dtype=self.cache_dtype, device=self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))  # per-layer views, no copy
         self.num_forward_tokens = 0  # tokens pushed through the model, for prefix-sharing tests and stats
         self.num_prefill_tokens = 0  # of those, tokens that were not a decode step
+        self.static: StaticDecoder | None = None
+        if static_decode:
+            max_len = max_model_len or model.config.max_position_embeddings
+            self.static = StaticDecoder(
+                model, self.kv_cache, block_size, null_block=num_blocks, max_batch=min(max_num_seqs, 256),
+                max_blocks=-(-max_len // block_size), absorbed=absorbed, compile=compile, cuda_graphs=cuda_graphs,
+            )
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None]:
@@ -56,6 +75,11 @@ class ModelRunner:
             if n > 1 or seq.num_output_tokens == 0:
                 self.num_prefill_tokens += n
         self.num_forward_tokens += len(input_ids)
+        if self._is_static_decode(batch):
+            logits = self.static.run(input_ids, positions, [s.block_table for s in batch.seqs])
+            for seq in batch.seqs:
+                seq.num_computed_tokens += 1
+            return list(batch.seqs), logits
         metadata = AttentionMetadata.build(
             self.kv_caches, [s.block_table for s in batch.seqs], context_lens, batch.num_tokens,
             self.block_size, self.device, absorbed=self.absorbed,
@@ -76,3 +100,11 @@ class ModelRunner:
             return [], None
         logits = self.model.lm_head(hidden[torch.tensor(last_rows, device=self.device)])
         return sampling, logits.float()
+
+    def _is_static_decode(self, batch: ScheduledBatch) -> bool:
+        """One new token per sequence, each completing its sequence, within the static buckets."""
+        if self.static is None or any(n != 1 for n in batch.num_tokens):
+            return False
+        if any(seq.num_computed_tokens + 1 != len(seq) for seq in batch.seqs):
+            return False
+        return self.static.fits(len(batch.seqs), max(len(s.block_table) for s in batch.seqs))

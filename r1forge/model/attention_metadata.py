@@ -29,6 +29,7 @@ class AttentionMetadata:
     kv_slots: torch.Tensor  # [B, S] flat slots of every token each sequence attends to (cached + new), padded with 0
     attn_mask: torch.Tensor  # [B, Q, S] bool, True where query q of sequence b may attend slot s (causal + valid)
     absorbed: bool = True  # weight absorption (latent-space attention) vs expanding K/V through kv_b_proj
+    decode: bool = False  # one new token per sequence, in order: query_index is arange(B)[:, None], all valid
 
     @property
     def num_seqs(self) -> int:
@@ -92,4 +93,42 @@ class AttentionMetadata:
             kv_slots=kv_slots.to(**to),
             attn_mask=attn_mask.to(**to),
             absorbed=absorbed,
+            decode=max_q == 1,
+        )
+
+    @classmethod
+    def for_decode(
+        cls,
+        kv_caches: list[torch.Tensor],
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        block_size: int,
+        absorbed: bool = True,
+    ) -> "AttentionMetadata":
+        """Decode metadata from device tensors by tensor ops alone: no host sync, shapes fixed by the inputs.
+
+        This is what a captured CUDA graph (or a torch.compile'd step) replays: the engine pads the batch to B
+        rows and the block tables to M blocks, and the same kernels serve any contents.
+
+        Args:
+            slot_mapping: [B] flat slot each sequence's new token is written to.
+            block_tables: [B, M] pool blocks of each sequence (entries past its length are ignored).
+            context_lens: [B] tokens of each sequence in the cache after this step (the new one included).
+        """
+        B, M = block_tables.shape
+        device = block_tables.device
+        offsets = torch.arange(block_size, device=device)
+        kv_slots = (block_tables[:, :, None] * block_size + offsets).reshape(B, M * block_size)  # [B, S]
+        positions = torch.arange(M * block_size, device=device)
+        attn_mask = (positions[None, :] < context_lens[:, None])[:, None, :]  # [B, 1, S]
+        return cls(
+            kv_caches=kv_caches,
+            slot_mapping=slot_mapping,
+            query_index=torch.arange(B, device=device)[:, None],
+            query_valid=torch.ones(B, 1, dtype=torch.bool, device=device),
+            kv_slots=kv_slots,
+            attn_mask=attn_mask,
+            absorbed=absorbed,
+            decode=True,
         )

@@ -143,7 +143,10 @@ class MultiHeadLatentAttention(nn.Module):
         cache = metadata.kv_caches[self.layer_idx].view(-1, self.kv_lora_rank + self.qk_rope_head_dim)
         cache.index_copy_(0, metadata.slot_mapping, latent.to(cache.dtype))
         kv = cache[metadata.kv_slots].to(x.dtype)  # [B,S,C+R]
-        q_nope, q_rope = q_nope[metadata.query_index], q_rope[metadata.query_index]  # [B,Q,H,*]
         attend = self.absorbed_attention if metadata.absorbed else self.naive_attention
+        if metadata.decode:  # token b is sequence b's only query: a view, and no boolean gather (graph-safe)
+            out = attend(q_nope[:, None], q_rope[:, None], kv, metadata.attn_mask)  # [B,1,H,Dv]
+            return self.o_proj(out[:, 0].flatten(-2))  # [N,D]
+        q_nope, q_rope = q_nope[metadata.query_index], q_rope[metadata.query_index]  # [B,Q,H,*]
         out = attend(q_nope, q_rope, kv, metadata.attn_mask)  # [B,Q,H,Dv]
         return self.o_proj(out[metadata.query_valid].flatten(-2))  # [N,D]

@@ -1,0 +1,180 @@
+"""Fixed-shape decode steps (the path CUDA graphs and torch.compile run): same tokens and logprobs as the
+default engine, padding that touches only the null block, graph-safe MoE dispatchers equal to the sorted one,
+and the model left as it was for training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import r1forge
+from r1forge import LLM, SamplingParams
+from r1forge.engine.model_runner import ModelRunner
+from r1forge.engine.static_decode import batch_buckets, block_buckets
+from r1forge.model.moe import SortedDispatch
+from r1forge.model.moe_static import DenseDispatch, GroupedGemmDispatch, grouped_gemm_supported, stack_expert_weights
+
+VOCAB = 256
+BLOCK = 16
+
+
+def _model(seed: int = 0) -> r1forge.DeepseekForCausalLM:
+    torch.manual_seed(seed)
+    cfg = r1forge.ModelConfig.from_preset("tiny", vocab_size=VOCAB, num_hidden_layers=3, max_position_embeddings=512)
+    m = r1forge.build_model(cfg)
+    with torch.no_grad():  # large random weights: decisive argmaxes, so greedy comparisons test the math
+        for name, p in m.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, 0.3)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> r1forge.DeepseekForCausalLM:
+    return _model()
+
+
+def _prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def _static_llm(model, max_num_seqs: int = 8, **runner_kwargs) -> LLM:
+    """An LLM whose runner takes the fixed-shape decode path (eager unless compile is asked for)."""
+    llm = LLM(model, max_num_seqs=max_num_seqs, block_size=BLOCK)
+    engine = llm.engine
+    engine.runner = ModelRunner(model, engine.block_manager.num_blocks, BLOCK, max_num_seqs=max_num_seqs,
+                                max_model_len=engine.max_model_len, **(runner_kwargs or {"static_decode": True}))
+    return llm
+
+
+def _assert_same_outputs(ours, reference) -> None:
+    for o, r in zip(ours, reference):
+        for a, b in zip(o.outputs, r.outputs):
+            assert a.token_ids == b.token_ids
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def test_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(5) == [1, 2, 4, 5]
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert batch_buckets(30) == [1, 2, 4, 8, 16, 24, 30]
+    assert block_buckets(1) == [1]
+    assert block_buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert block_buckets(40) == [1, 2, 4, 8, 16, 32, 40]
+
+
+def test_static_decode_equals_default_engine(model):
+    """Five sequences (padded to a batch of 8), prompts of 3..70 tokens crossing block boundaries while
+    decoding, one request with n=3 (forked after a shared prefill): tokens equal, logprobs within 1e-4."""
+    prompts = _prompts([3, 17, 40, 70, 9])
+    params = [SamplingParams(temperature=0.0, max_tokens=40, logprobs=0, ignore_eos=True)] * 4 + [
+        SamplingParams(temperature=1.0, n=3, seed=7, max_tokens=40, logprobs=0, ignore_eos=True)]
+    reference = LLM(model, max_num_seqs=8, block_size=BLOCK).generate(prompts, params)
+    llm = _static_llm(model)
+    ours = llm.generate(prompts, params)
+    _assert_same_outputs(ours, reference)
+    static = llm.engine.runner.static
+    assert static.num_steps >= 39  # every decode step after the prefill took the fixed-shape path
+    assert llm.stats()["cache_blocks_used"] == 0
+
+
+def test_padding_rows_write_only_the_null_block(model):
+    llm = _static_llm(model)
+    runner = llm.engine.runner
+    null = runner.static.null_block
+    assert runner.kv_cache.shape[1] == llm.engine.block_manager.num_blocks + 1 and null == runner.kv_cache.shape[1] - 1
+    outs = llm.generate(_prompts([5, 20, 33]), SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    assert all(len(o.outputs[0].token_ids) == 2 for o in outs)
+    # Decode one more step by hand for 3 sequences (bucket 4) and check which slots changed.
+    tables = [[0], [1, 2], [3, 4, 5]]
+    positions = [4, 20, 33]
+    before = runner.kv_cache.clone()
+    logits = runner.static.run([7, 8, 9], positions, tables)
+    assert logits.shape == (3, VOCAB)
+    changed = (runner.kv_cache != before).any(-1).any(0)  # [blocks, block_size]
+    expected = torch.zeros_like(changed)
+    for table, pos in zip(tables, positions):
+        expected[table[pos // BLOCK], pos % BLOCK] = True
+    expected[null, 0] = True  # the padding row's dummy token
+    assert torch.equal(changed, expected)
+
+
+def test_static_decode_restores_the_model_for_training(model):
+    llm = _static_llm(model)
+    llm.generate(_prompts([6, 6]), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    for moe in model.moe_layers():
+        assert isinstance(moe.dispatch, SortedDispatch) and moe.record_load
+    # The stacked expert weights are the parameters themselves: a training step still moves them.
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    expert = model.moe_layers()[0].experts[0]
+    w13 = model.moe_layers()[0].experts._stacked[0]
+    before = expert.up_proj.weight.detach().clone()
+    model(torch.tensor([_prompts([12])[0]])).logsumexp(-1).mean().backward()
+    assert expert.up_proj.weight.grad is not None
+    opt.step()
+    model.eval()
+    ffn = expert.gate_proj.weight.shape[0]
+    assert not torch.equal(expert.up_proj.weight, before)
+    assert torch.equal(w13[0, ffn:], expert.up_proj.weight)  # the step landed in the stacked storage
+
+
+def test_graph_safe_dispatchers_equal_sorted_dispatch():
+    m = _model(seed=3)
+    moe = m.moe_layers()[0]
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(11, m.config.hidden_size)
+    ids, weights, _ = moe.gate(x)
+    reference = SortedDispatch()(x, ids, weights, moe.experts)
+    assert grouped_gemm_supported(torch.device("cpu"), torch.float32, m.config.hidden_size,
+                                  m.config.moe_intermediate_size)
+    scale = reference.abs().max().item()  # float32 sums in another order: relative to the output's size
+    for dispatch in (GroupedGemmDispatch(), DenseDispatch()):
+        torch.testing.assert_close(dispatch(x, ids, weights, moe.experts), reference, rtol=1e-5, atol=1e-6 * scale)
+    # Stacking changed where the weights live, not what they are, and the sorted path agrees afterwards.
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in state.items())
+    torch.testing.assert_close(SortedDispatch()(x, ids, weights, moe.experts), reference)
+    w13, w2 = stack_expert_weights(moe.experts)
+    assert w13.data_ptr() == moe.experts[0].gate_proj.weight.data_ptr()
+    assert w2[-1].data_ptr() == moe.experts[-1].down_proj.weight.data_ptr()
+
+
+def test_grouped_gemm_needs_aligned_rows():
+    assert not grouped_gemm_supported(torch.device("cpu"), torch.float32, 64, 30)  # 120-byte rows
+    assert not grouped_gemm_supported(torch.device("cpu"), torch.float32, 64, 32, compiled=True)  # fp32 traced
+
+
+def test_cuda_graphs_on_cpu_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        LLM(model, max_num_seqs=4, block_size=BLOCK, cuda_graphs=True)
+
+
+def test_pool_budget_includes_the_null_block(model):
+    cfg = model.config
+    per_block = BLOCK * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
+    llm = LLM(model, max_num_seqs=4, block_size=BLOCK, kv_cache_memory=10 * per_block, compile=True)
+    pool = llm.engine.runner.kv_cache
+    assert llm.engine.block_manager.num_blocks == 9 and pool.shape[1] == 10
+    assert pool.numel() * pool.element_size() <= 10 * per_block
+
+
+def test_compiled_decode_equals_eager(model):
+    prompts = _prompts([4, 30, 11])
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=0, ignore_eos=True)
+    reference = LLM(model, max_num_seqs=4, block_size=BLOCK).generate(prompts, params)
+    llm = _static_llm(model, max_num_seqs=4, compile=True)
+    _assert_same_outputs(llm.generate(prompts, params), reference)
+    assert llm.engine.runner.static.num_steps >= 11
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_decode_equals_eager():
+    m = _model().cuda()
+    prompts = _prompts([3, 17, 40, 70, 9])
+    params = SamplingParams(temperature=0.0, max_tokens=40, logprobs=0, ignore_eos=True)
+    reference = LLM(m, max_num_seqs=8, block_size=BLOCK).generate(prompts, params)
+    llm = LLM(m, max_num_seqs=8, block_size=BLOCK, cuda_graphs=True)
+    _assert_same_outputs(llm.generate(prompts, params), reference)
+    static = llm.engine.runner.static
+    assert static.graphs and static.num_steps >= 39
