@@ -1,9 +1,12 @@
 """Decode throughput: r1forge's engine against transformers' `generate`, same weights, same prompts, one run.
 
     .venv/bin/python bench/decode.py                 # ~45M-parameter MoE, fp32 CPU, batch 1 and 32
-    .venv/bin/python bench/decode.py --device cuda --dtype bfloat16 --preset v2-lite-shaped
+    .venv/bin/python bench/decode.py --device cuda --dtype bfloat16 --preset v2-lite-shaped --cuda-graphs
+    .venv/bin/python bench/decode.py --compile       # adds r1forge with torch.compile'd decode steps
 
-Prints decode tokens/s of both at each batch size and their ratio, and the KV-cache bytes per token that
+Prints decode tokens/s of both at each batch size and their ratio (each r1forge variant asked for runs in the
+same process on the same weights), the memory-bandwidth limit (the weights a step must read, plus the cache,
+over this device's measured copy bandwidth) and the share of it reached, and the KV-cache bytes per token that
 r1forge's latent cache, transformers' cache and multi-head attention of the same shapes hold.
 """
 
@@ -49,6 +52,27 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def copy_bandwidth(device: str) -> float:
+    """Bytes/s of a large device-to-device copy (read + write), the memory system's practical limit."""
+    src = torch.empty(1 << 28, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: dst.copy_(src), 5)
+    return 2 * src.numel() / seconds
+
+
+def step_bytes(cfg: r1forge.ModelConfig, batch: int, context: int, element_size: int) -> float:
+    """Bytes one decode step must read: every weight but the embedding table (batch rows of it), of each MoE
+    layer only the experts some token picks (expected number under uniform routing), and the latent cache."""
+    total, _ = r1forge.count_parameters(cfg)
+    D, E, K = cfg.hidden_size, cfg.n_routed_experts or 0, cfg.num_experts_per_tok or 0
+    per_expert = 3 * D * (cfg.moe_intermediate_size or 0)
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    unused = E - E * (1 - (1 - K / E) ** batch) if E else 0.0
+    weights = total - cfg.vocab_size * D + batch * D - unused * per_expert * moe_layers
+    cache = r1forge.kv_cache_bytes_per_token(cfg, element_size).mla * batch * context
+    return weights * element_size + cache
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(SHAPES), default="45m")
@@ -58,6 +82,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--compile", action="store_true", help="also time r1forge with torch.compile'd decode steps")
+    ap.add_argument("--cuda-graphs", action="store_true", help="also time r1forge with CUDA-graph decode steps")
     args = ap.parse_args()
     import transformers
 
@@ -72,14 +98,20 @@ def main() -> None:
     print(f"model: {total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active; {args.device} {args.dtype}; "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
-    llm = LLM(model, max_num_seqs=max(int(b) for b in args.batches.split(",")), block_size=64)
+    max_batch = max(int(b) for b in args.batches.split(","))
+    variants = {"r1forge": LLM(model, max_num_seqs=max_batch, block_size=64)}
+    if args.compile:
+        variants["r1forge+compile"] = LLM(model, max_num_seqs=max_batch, block_size=64, compile=True)
+    if args.cuda_graphs:
+        variants["r1forge+graphs"] = LLM(model, max_num_seqs=max_batch, block_size=64, cuda_graphs=True,
+                                         compile=args.compile)
+    element_size = torch.empty((), dtype=dtype).element_size()
+    bandwidth = copy_bandwidth(args.device)
+    print(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
     g = torch.Generator().manual_seed(1)
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = torch.randint(2, cfg.vocab_size, (batch, args.prompt_len), generator=g)
         params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
-
-        def ours() -> None:
-            llm.generate(prompts.tolist(), params)
 
         def theirs() -> None:
             with torch.no_grad():
@@ -87,13 +119,21 @@ def main() -> None:
                             max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                             pad_token_id=0)
 
-        ours()  # warm-up
-        theirs()
-        t_ours, t_theirs = timed(ours, args.repeats), timed(theirs, args.repeats)
         tok = batch * args.new_tokens
-        print(f"batch {batch:3d}: r1forge {tok / t_ours:9.1f} tok/s | transformers {tok / t_theirs:9.1f} tok/s | "
-              f"ratio {t_theirs / t_ours:5.2f}x")
-    bytes_ = r1forge.kv_cache_bytes_per_token(cfg, element_size=torch.empty((), dtype=dtype).element_size())
+        theirs()  # warm-up
+        t_theirs = timed(theirs, args.repeats)
+        limit = batch / (step_bytes(cfg, batch, args.prompt_len + args.new_tokens // 2, element_size) / bandwidth)
+        line = f"batch {batch:3d}: transformers {tok / t_theirs:9.1f} tok/s"
+        for name, llm in variants.items():
+            def ours(llm: LLM = llm) -> None:
+                llm.generate(prompts.tolist(), params)
+
+            ours()  # warm-up (for compile and graphs: compilation and capture)
+            t_ours = timed(ours, args.repeats)
+            line += f" | {name} {tok / t_ours:9.1f} tok/s ({t_theirs / t_ours:5.2f}x, {100 * tok / t_ours / limit:4.1f}% of limit)"
+        print(line + f" | bandwidth limit {limit:9.1f} tok/s")
+    llm = variants["r1forge"]
+    bytes_ = r1forge.kv_cache_bytes_per_token(cfg, element_size=element_size)
     print(f"KV cache per token (all layers): r1forge latent {llm.cache_bytes_per_token} B | transformers 5 "
           f"latent cache {bytes_.mla} B (re-expanded through kv_b_proj every step) | MHA {bytes_.mha} B "
           f"({bytes_.mha / bytes_.mla:.1f}x) | GQA-8 {bytes_.gqa8} B")

@@ -104,10 +104,12 @@ def test_cache_bytes_per_token_and_pool_size(model):
     cfg = model.config
     expected = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
     assert llm.cache_bytes_per_token == expected
-    pool = llm.engine.runner.kv_cache
+    runner = llm.engine.runner
     slots = llm.engine.block_manager.num_blocks * llm.engine.block_manager.block_size
-    assert pool.numel() * pool.element_size() == slots * expected
-    assert pool.numel() * pool.element_size() <= 1 << 20
+    assert len(runner.kv_caches) == cfg.num_hidden_layers
+    assert all(c.shape == (slots // 16, 16, cfg.kv_lora_rank + cfg.qk_rope_head_dim) for c in runner.kv_caches)
+    assert runner.pool_bytes == sum(c.numel() * c.element_size() for c in runner.kv_caches) == slots * expected
+    assert runner.pool_bytes <= 1 << 20
 
 
 def test_prefix_shared_by_n_samples_is_prefilled_once(model):

@@ -83,16 +83,17 @@ def test_padding_rows_write_only_the_null_block(model):
     llm = _static_llm(model)
     runner = llm.engine.runner
     null = runner.static.null_block
-    assert runner.kv_cache.shape[1] == llm.engine.block_manager.num_blocks + 1 and null == runner.kv_cache.shape[1] - 1
+    num_blocks = llm.engine.block_manager.num_blocks
+    assert all(c.shape[0] == num_blocks + 1 for c in runner.kv_caches) and null == num_blocks
     outs = llm.generate(_prompts([5, 20, 33]), SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
     assert all(len(o.outputs[0].token_ids) == 2 for o in outs)
     # Decode one more step by hand for 3 sequences (bucket 4) and check which slots changed.
     tables = [[0], [1, 2], [3, 4, 5]]
     positions = [4, 20, 33]
-    before = runner.kv_cache.clone()
+    before = torch.stack(runner.kv_caches)
     logits = runner.static.run([7, 8, 9], positions, tables)
     assert logits.shape == (3, VOCAB)
-    changed = (runner.kv_cache != before).any(-1).any(0)  # [blocks, block_size]
+    changed = (torch.stack(runner.kv_caches) != before).any(-1).any(0)  # [blocks, block_size]
     expected = torch.zeros_like(changed)
     for table, pos in zip(tables, positions):
         expected[table[pos // BLOCK], pos % BLOCK] = True
@@ -154,9 +155,9 @@ def test_pool_budget_includes_the_null_block(model):
     cfg = model.config
     per_block = BLOCK * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
     llm = LLM(model, max_num_seqs=4, block_size=BLOCK, kv_cache_memory=10 * per_block, compile=True)
-    pool = llm.engine.runner.kv_cache
-    assert llm.engine.block_manager.num_blocks == 9 and pool.shape[1] == 10
-    assert pool.numel() * pool.element_size() <= 10 * per_block
+    runner = llm.engine.runner
+    assert llm.engine.block_manager.num_blocks == 9 and all(c.shape[0] == 10 for c in runner.kv_caches)
+    assert runner.pool_bytes == 10 * per_block
 
 
 def test_compiled_decode_equals_eager(model):

@@ -1,7 +1,7 @@
 """Owns the model and the paged latent cache; turns a scheduled batch into one forward and a sample.
 
-The pool is one tensor [num_layers, num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]: exactly the
-latent per token per layer and nothing else (the layout FlashMLA-style kernels read, block-major per layer).
+The pool is one tensor per layer [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]: exactly the
+latent per token and nothing else (the layout FlashMLA-style kernels read, block-major).
 """
 
 from __future__ import annotations
@@ -44,18 +44,24 @@ class ModelRunner:
         self.cache_dtype = cache_dtype or model.model.embed_tokens.weight.dtype
         static_decode = static_decode or compile or cuda_graphs
         L = model.config.num_hidden_layers
-        self.kv_cache = torch.zeros(L, num_blocks + static_decode, block_size, latent_width(model),
-                                    dtype=self.cache_dtype, device=self.device)
-        self.kv_caches = list(self.kv_cache.unbind(0))  # per-layer views, no copy
+        # One tensor per layer, not views of one [L, ...] tensor: a compiled step mutating several aliased
+        # inputs would copy the whole pool back at every layer (measured: 10x slower decode under compile).
+        self.kv_caches = [torch.zeros(num_blocks + static_decode, block_size, latent_width(model),
+                                      dtype=self.cache_dtype, device=self.device) for _ in range(L)]
         self.num_forward_tokens = 0  # tokens pushed through the model, for prefix-sharing tests and stats
         self.num_prefill_tokens = 0  # of those, tokens that were not a decode step
         self.static: StaticDecoder | None = None
         if static_decode:
             max_len = max_model_len or model.config.max_position_embeddings
             self.static = StaticDecoder(
-                model, self.kv_cache, block_size, null_block=num_blocks, max_batch=min(max_num_seqs, 256),
+                model, self.kv_caches, block_size, null_block=num_blocks, max_batch=min(max_num_seqs, 256),
                 max_blocks=-(-max_len // block_size), absorbed=absorbed, compile=compile, cuda_graphs=cuda_graphs,
             )
+
+    @property
+    def pool_bytes(self) -> int:
+        """Bytes the latent pool holds, all layers (the null block of static decoding included)."""
+        return sum(c.numel() * c.element_size() for c in self.kv_caches)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None]:
@@ -64,8 +70,10 @@ class ModelRunner:
         Returns the sequences whose every token is now computed (they get a next token) and their last-position
         logits [len, vocab] in float32.
         """
-        for src, dst in batch.copies:
-            self.kv_cache[:, dst].copy_(self.kv_cache[:, src])
+        if batch.copies:  # copy-on-write of partial last blocks, all of this step's at once per layer
+            src, dst = (torch.tensor(x, device=self.device) for x in zip(*batch.copies))
+            for cache in self.kv_caches:
+                cache[dst] = cache[src]
         input_ids, positions, context_lens = [], [], []
         for seq, n in zip(batch.seqs, batch.num_tokens):
             start = seq.num_computed_tokens

@@ -51,21 +51,21 @@ class StaticDecoder:
     """Runs pure-decode steps (one new token per sequence) at bucketed shapes; see the module docstring.
 
     Args:
-        kv_cache: the pool [layers, blocks, block_size, C+R]; block `null_block` is reserved for padding rows.
+        kv_caches: the pool, per layer [blocks, block_size, C+R]; block `null_block` is kept for padding rows.
         max_batch: most sequences in one static step (larger steps run eagerly).
         max_blocks: blocks of the longest sequence (max_model_len / block_size, rounded up).
         compile: run the step through `torch.compile`.
         cuda_graphs: capture each bucket's step as a CUDA graph and replay it (CUDA devices only).
     """
 
-    def __init__(self, model: DeepseekForCausalLM, kv_cache: torch.Tensor, block_size: int, null_block: int,
+    def __init__(self, model: DeepseekForCausalLM, kv_caches: list[torch.Tensor], block_size: int, null_block: int,
                  max_batch: int, max_blocks: int, absorbed: bool = True, compile: bool = False,
                  cuda_graphs: bool = False) -> None:
-        device = kv_cache.device
+        device = kv_caches[0].device
         if cuda_graphs and device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device; the model is on {device}")
         self.model = model
-        self.kv_caches = list(kv_cache.unbind(0))
+        self.kv_caches = kv_caches
         self.block_size = block_size
         self.null_block = null_block
         self.absorbed = absorbed
