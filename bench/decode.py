@@ -5,8 +5,9 @@
     .venv/bin/python bench/decode.py --compile       # adds r1forge with torch.compile'd decode steps
 
 Prints decode tokens/s of both at each batch size and their ratio (each r1forge variant asked for runs in the
-same process on the same weights), the memory-bandwidth limit (the weights a step must read, plus the cache,
-over this device's measured copy bandwidth) and the share of it reached, and the KV-cache bytes per token that
+same process on the same weights), the physical limit of the run (the slower of: the bytes each step must
+read over this device's measured copy bandwidth; 2 FLOPs per active parameter per token over its measured
+matmul rate) and the share of it reached, and the KV-cache bytes per token that
 r1forge's latent cache, transformers' cache and multi-head attention of the same shapes hold.
 """
 
@@ -60,6 +61,13 @@ def copy_bandwidth(device: str) -> float:
     return 2 * src.numel() / seconds
 
 
+def matmul_flops(device: str, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul in the model's dtype, the compute limit."""
+    a = torch.randn(2048, 2048, device=device).to(dtype)
+    seconds = timed(lambda: a @ a, 5)
+    return 2 * 2048**3 / seconds
+
+
 def step_bytes(cfg: r1forge.ModelConfig, batch: int, context: int, element_size: int) -> float:
     """Bytes one decode step must read: every weight but the embedding table (batch rows of it), of each MoE
     layer only the experts some token picks (expected number under uniform routing), and the latent cache."""
@@ -107,7 +115,8 @@ def main() -> None:
                                          compile=args.compile)
     element_size = torch.empty((), dtype=dtype).element_size()
     bandwidth = copy_bandwidth(args.device)
-    print(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    flops = matmul_flops(args.device, dtype)
+    print(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s, matmul {flops / 1e9:.0f} GFLOP/s")
     g = torch.Generator().manual_seed(1)
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = torch.randint(2, cfg.vocab_size, (batch, args.prompt_len), generator=g)
@@ -122,7 +131,12 @@ def main() -> None:
         tok = batch * args.new_tokens
         theirs()  # warm-up
         t_theirs = timed(theirs, args.repeats)
-        limit = batch / (step_bytes(cfg, batch, args.prompt_len + args.new_tokens // 2, element_size) / bandwidth)
+        # Limits for the whole generate call (prefill included): every step reads its bytes, and every token
+        # (prompt and generated) costs 2 FLOPs per active parameter; the slower of the two bounds the run.
+        memory_s = args.new_tokens * step_bytes(cfg, batch, args.prompt_len + args.new_tokens // 2,
+                                                element_size) / bandwidth
+        compute_s = 2 * active * batch * (args.prompt_len + args.new_tokens) / flops
+        limit = tok / max(memory_s, compute_s)
         line = f"batch {batch:3d}: transformers {tok / t_theirs:9.1f} tok/s"
         for name, llm in variants.items():
             def ours(llm: LLM = llm) -> None:
@@ -131,7 +145,8 @@ def main() -> None:
             ours()  # warm-up (for compile and graphs: compilation and capture)
             t_ours = timed(ours, args.repeats)
             line += f" | {name} {tok / t_ours:9.1f} tok/s ({t_theirs / t_ours:5.2f}x, {100 * tok / t_ours / limit:4.1f}% of limit)"
-        print(line + f" | bandwidth limit {limit:9.1f} tok/s")
+        bound = "memory" if memory_s >= compute_s else "compute"
+        print(line + f" | limit {limit:9.1f} tok/s ({bound}-bound)")
     llm = variants["r1forge"]
     bytes_ = r1forge.kv_cache_bytes_per_token(cfg, element_size=element_size)
     print(f"KV cache per token (all layers): r1forge latent {llm.cache_bytes_per_token} B | transformers 5 "

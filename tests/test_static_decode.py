@@ -179,3 +179,22 @@ def test_cuda_graph_decode_equals_eager():
     _assert_same_outputs(llm.generate(prompts, params), reference)
     static = llm.engine.runner.static
     assert static.graphs and static.num_steps >= 39
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_traces_as_one_graph(dtype):
+    """What a CUDA graph needs, checked on the CPU: dynamo traces the whole fixed-shape step as one graph
+    (fullgraph: no .item()/.tolist(), no data-dependent shapes, no host reads). bfloat16 takes the grouped-GEMM
+    dispatch, float32 the dense one, as under torch.compile."""
+    from r1forge.engine.static_decode import StaticDecoder
+
+    m = _model(seed=5).to(dtype)
+    r1forge.model.keep_router_fp32(m)
+    caches = [torch.zeros(9, BLOCK, m.config.kv_lora_rank + m.config.qk_rope_head_dim, dtype=dtype)
+              for _ in range(m.config.num_hidden_layers)]
+    static = StaticDecoder(m, caches, BLOCK, null_block=8, max_batch=4, max_blocks=4)
+    static.dispatch = (GroupedGemmDispatch if dtype == torch.bfloat16 else DenseDispatch)()
+    static.step_fn = torch.compile(static.forward, fullgraph=True, backend="eager")
+    logits = static.run([5, 6, 7], [0, 17, 40], [[0], [1, 2], [3, 4, 5]])
+    assert logits.shape == (3, VOCAB) and torch.isfinite(logits).all()
+    torch._dynamo.reset()

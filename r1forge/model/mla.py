@@ -109,7 +109,7 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_latent, q_rope], dim=-1).reshape(B, 1, Q * H, -1)  # [B,1,Q*H,C+R]
         if mask is None:
             mask = torch.ones(Q, S, dtype=torch.bool, device=q.device).tril(S - Q)[None].expand(B, -1, -1)
-        mask = mask.repeat_interleave(H, dim=1)[:, None]  # [B,1,Q*H,S]
+        mask = mask[:, :, None].expand(-1, -1, H, -1).reshape(B, 1, Q * H, S)  # each query row once per head
         kv = latent[:, None]  # [B,1,S,C+R]
         o = F.scaled_dot_product_attention(
             q, kv, kv[..., : self.kv_lora_rank], attn_mask=mask, scale=self.softmax_scale

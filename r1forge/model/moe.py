@@ -70,7 +70,8 @@ class Router(nn.Module):
             g_scores = grouped.amax(dim=-1)
         keep = torch.zeros_like(g_scores, dtype=torch.bool)
         keep.scatter_(1, g_scores.topk(self.topk_group, dim=-1).indices, True)
-        return choice_TE.masked_fill(~keep.repeat_interleave(self.num_experts // self.n_group, dim=1), float("-inf"))
+        keep_TE = keep[:, :, None].expand(-1, -1, grouped.shape[-1]).reshape(T, -1)  # a group's verdict per expert
+        return choice_TE.masked_fill(~keep_TE, float("-inf"))
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, D] -> (topk_ids [T, K] long, topk_weights [T, K] float32, scores [T, E] float32)."""
