@@ -65,6 +65,7 @@ class StaticDecoder:
         if cuda_graphs and device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device; the model is on {device}")
         self.model = model
+        self.device = device
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.null_block = null_block
@@ -150,18 +151,23 @@ class StaticDecoder:
     def _replay(self, Bp: int, M: int, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
         key = (Bp, M)
         if key not in self.graphs:
-            # Warm up on a side stream (compilation, lazily created state), then capture. Both write this
-            # step's latents into the pool: the same values the replay writes again.
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self.step_fn(*args)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.graph_pool):
-                out = self.step_fn(*args)
-            self.graphs[key] = (graph, out)
+            with torch.cuda.device(self.device):
+                self.graphs[key] = self._capture(args)
         graph, out = self.graphs[key]
         graph.replay()
         return out
+
+    def _capture(self, args: tuple[torch.Tensor, ...]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up on a side stream (compilation, lazily created state), then capture. Both write this step's
+        latents into the pool: the same values the replay writes again."""
+        current = torch.cuda.current_stream()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.step_fn(*args)
+        current.wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            out = self.step_fn(*args)
+        return graph, out
