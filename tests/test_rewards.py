@@ -20,7 +20,7 @@ from r1forge.rl.rewards.math_worker import NotMath, latex_to_expr
 from r1forge.rl.rewards.registry import REWARD_FUNCTIONS
 
 CHAT_PROMPT = "<｜User｜>What is 2+3?<｜Assistant｜><think>\n"
-R1_ZERO_PROMPT = "... User: What is 2+3?. Assistant:"
+R1_ZERO_PROMPT = "... User: What is 2+3? Assistant:"
 
 
 @pytest.fixture(autouse=True)

@@ -259,6 +259,8 @@ def make_problems(n: int, seed: int, split: str = "train", min_steps: int = 1, m
     return out
 
 
+# DeepSeek-R1 paper, Table 1. The paper writes "User: prompt. Assistant:"; questions here end in "?", so no
+# period is added after them.
 R1_ZERO_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
     "The assistant first thinks about the reasoning process in the mind and then provides the user with the "

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-R1_ZERO_TEMPLATE = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
-    "The assistant first thinks about the reasoning process in the mind and then provides the user with the "
-    "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
-    "respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
-    "User: {question}. Assistant:"
-)
+from r1forge.data.synthetic import R1_ZERO_TEMPLATE  # one template for RL prompts and the data's rl_example
 
 
 def render_prompt(tokenizer: Any, question: str, template: str) -> tuple[str, list[int]]:
