@@ -272,6 +272,16 @@ def test_synthetic_difficulty_determinism_and_renderers():
     ex = rl_example(p)
     assert ex["answer"] == p.answer and p.question in ex["prompt"] and ex["prompt"].endswith("Assistant:")
     assert "<think> </think>" in ex["prompt"] and "<answer> </answer>" in ex["prompt"]
+    assert ex["prompt"].endswith(f"User: {p.question} Assistant:")
+
+    class _Chars:  # render_prompt's r1-zero text does not depend on the tokenizer
+        bos_token_id = None
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    from r1forge.rl.templates import render_prompt
+    assert render_prompt(_Chars(), p.question, "r1-zero")[0] == ex["prompt"]  # RL renders what the data holds
     with pytest.raises(ValueError, match="split"):
         make_problems(1, seed=0, split="dev")
     with pytest.raises(ValueError, match="min_steps"):
