@@ -107,13 +107,16 @@ def main() -> None:
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
     max_batch = max(int(b) for b in args.batches.split(","))
-    variants = {"r1forge": LLM(model, max_num_seqs=max_batch, block_size=64)}
-    if args.compile:
-        variants["r1forge+compile"] = LLM(model, max_num_seqs=max_batch, block_size=64, compile=True)
-    if args.cuda_graphs:
-        variants["r1forge+graphs"] = LLM(model, max_num_seqs=max_batch, block_size=64, cuda_graphs=True,
-                                         compile=args.compile)
     element_size = torch.empty((), dtype=dtype).element_size()
+    # Each variant's pool holds the largest batch (on a GPU the default would take 90% of free memory each).
+    pool = (max_batch + 1) * (args.prompt_len + args.new_tokens + 64) * \
+        r1forge.kv_cache_bytes_per_token(cfg, element_size).mla
+    engine = dict(max_num_seqs=max_batch, block_size=64, kv_cache_memory=pool)
+    variants = {"r1forge": LLM(model, **engine)}
+    if args.compile:
+        variants["r1forge+compile"] = LLM(model, compile=True, **engine)
+    if args.cuda_graphs:
+        variants["r1forge+graphs"] = LLM(model, cuda_graphs=True, compile=args.compile, **engine)
     bandwidth = copy_bandwidth(args.device)
     flops = matmul_flops(args.device, dtype)
     print(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s, matmul {flops / 1e9:.0f} GFLOP/s")
