@@ -59,6 +59,32 @@ def test_engine_logprobs_equal_training_logprobs(tokenizer_dir: Path, temperatur
     assert torch.isfinite(entropy[m]).all() and (entropy[m] > 0).all()
 
 
+def test_static_decode_rollouts_follow_weight_updates(tokenizer_dir: Path) -> None:
+    """Rollouts through the fixed-shape decode path (what CUDA graphs replay: grouped-GEMM MoE over expert
+    weights stacked in place) still give the trainer's logprobs after optimizer steps changed the weights."""
+    from r1forge.engine.model_runner import ModelRunner
+
+    tok = load_tokenizer(tokenizer_dir)
+    model = _policy(tokenizer_dir)
+    llm = LLM(model, tokenizer=tok, max_num_seqs=16, block_size=16)
+    engine = llm.engine
+    engine.runner = ModelRunner(model, engine.block_manager.num_blocks, 16, static_decode=True, max_num_seqs=16,
+                                max_model_len=engine.max_model_len)
+    cfg = GRPOConfig(steps=2, prompts_per_step=4, num_generations=4, max_completion_length=12, learning_rate=2e-2,
+                     template="r1-zero", temperature=1.0, seed=0, micro_batch_size=64)
+    trainer = GRPOTrainer(model, tok, cfg, _digit_share, QUESTIONS, llm=llm)
+    expert = model.moe_layers()[0].experts[0].gate_proj.weight
+    before = expert.detach().clone()
+    trainer.train()
+    assert not torch.equal(expert, before)  # the updates reached the stacked expert weights
+    batch = trainer.rollout(QUESTIONS[:4], 12, seed=3)
+    with torch.no_grad():
+        recomputed, _ = completion_logprobs(model, batch, cfg.temperature)
+    m = batch.completion_mask.bool()
+    assert m.sum() > 20 and engine.runner.static.num_steps > 0
+    assert (recomputed - batch.old_logprobs)[m].abs().max().item() < 1e-5
+
+
 def _digit_share(prompt: str, completion: str, **example: object) -> tuple[float, dict[str, float]]:
     """A reward a random tiny model can climb: the share of the completion's characters that are digits."""
     share = sum(ch.isdigit() for ch in completion) / max(len(completion), 1)

@@ -198,3 +198,17 @@ def test_decode_step_traces_as_one_graph(dtype):
     logits = static.run([5, 6, 7], [0, 17, 40], [[0], [1, 2], [3, 4, 5]])
     assert logits.shape == (3, VOCAB) and torch.isfinite(logits).all()
     torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="the grouped-GEMM kernel needs a CUDA device of compute capability 9.0+")
+def test_grouped_gemm_dispatch_on_cuda_bf16():
+    m = _model(seed=3).cuda().to(torch.bfloat16)
+    r1forge.model.keep_router_fp32(m)
+    moe = m.moe_layers()[0]
+    x = torch.randn(37, m.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    ids, weights, _ = moe.gate(x)
+    with torch.no_grad():
+        reference = SortedDispatch()(x, ids, weights, moe.experts).float()
+        ours = GroupedGemmDispatch()(x, ids, weights, moe.experts).float()
+    assert (ours - reference).abs().max() <= 2e-2 * reference.abs().max()

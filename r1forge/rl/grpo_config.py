@@ -43,6 +43,8 @@ class GRPOConfig:
     bias_update_gamma: float = 0.0  # auxiliary-loss-free MoE bias update during RL; 0 keeps routing biases fixed
     log_completions_every: int = 10  # write sample completions every K steps
     seed: int = 0  # rollout sampling and prompt order
+    rollout_cuda_graphs: bool = False  # rollout engine: decode steps as CUDA graphs (CUDA only)
+    rollout_compile: bool = False  # rollout engine: torch.compile'd decode steps
 
     def __post_init__(self) -> None:
         self.validate()

@@ -80,8 +80,9 @@ class GRPOTrainer:
         self.config = config
         self.reward_fn = reward_fn
         self.examples = train_examples
+        # Decode graphs stay valid across updates: the optimizer changes the weights in place, at the same addresses.
         self.llm = llm or LLM(model, tokenizer=tokenizer, max_num_seqs=config.prompts_per_step * config.num_generations,
-                              block_size=16)
+                              block_size=16, cuda_graphs=config.rollout_cuda_graphs, compile=config.rollout_compile)
         self.log = log or (lambda step, metrics: None)
         self.log_completions = log_completions or (lambda step, rows: None)
         self.ref_model = self._frozen_copy() if config.beta > 0 else None
