@@ -76,6 +76,7 @@ def test_static_decode_equals_default_engine(model):
     _assert_same_outputs(ours, reference)
     static = llm.engine.runner.static
     assert static.num_steps >= 39  # every decode step after the prefill took the fixed-shape path
+    assert llm.stats()["static_decode_steps"] == static.num_steps and llm.stats()["cuda_graphs_captured"] == 0
     assert llm.stats()["cache_blocks_used"] == 0
 
 

@@ -256,7 +256,10 @@ class LLMEngine:
 
     def stats(self) -> dict[str, float]:
         bm = self.block_manager
-        return {
+        static = self.runner.static
+        fixed_shape = {} if static is None else {"static_decode_steps": static.num_steps,
+                                                 "cuda_graphs_captured": len(static.graphs)}
+        return fixed_shape | {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "cache_blocks_used": bm.num_used_blocks,

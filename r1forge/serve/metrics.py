@@ -33,6 +33,7 @@ ENGINE_GAUGES = {
 ENGINE_COUNTERS = {
     "preemptions": ("r1forge_num_preemptions", "Sequences preempted for lack of cache blocks."),
     "prefix_hit_tokens": ("r1forge_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache."),
+    "static_decode_steps": ("r1forge_static_decode_steps", "Decode steps run at fixed shapes (CUDA graphs / compile)."),
 }
 
 EngineStatsFn = Callable[[], Mapping[str, float]]
