@@ -1,6 +1,6 @@
 """Decode throughput: r1forge's engine against transformers' `generate`, same weights, same prompts, one run.
 
-    .venv/bin/python bench/decode.py                 # ~45M-parameter MoE, fp32 CPU, batch 1 and 32
+    .venv/bin/python bench/decode.py                 # 80M-parameter (25M active) MoE, fp32 CPU, batch 1 and 32
     .venv/bin/python bench/decode.py --device cuda --dtype bfloat16 --preset v2-lite-shaped --cuda-graphs
     .venv/bin/python bench/decode.py --compile       # adds r1forge with torch.compile'd decode steps
 
@@ -24,8 +24,8 @@ import r1forge
 from r1forge import LLM, SamplingParams
 
 SHAPES = {
-    # About 45M parameters: 6 layers, 32 routed experts (top-4) + 1 shared, MLA with q low-rank.
-    "45m": dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, moe_intermediate_size=256,
+    # 80.3M parameters, 25.3M active: 6 layers, 32 routed experts (top-4) + 1 shared, MLA with q low-rank.
+    "80m": dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, moe_intermediate_size=256,
                 num_hidden_layers=6, first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=256,
                 kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32,
                 n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2, max_position_embeddings=4096,
@@ -83,7 +83,7 @@ def step_bytes(cfg: r1forge.ModelConfig, batch: int, context: int, element_size:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", choices=sorted(SHAPES), default="45m")
+    ap.add_argument("--preset", choices=sorted(SHAPES), default="80m")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
