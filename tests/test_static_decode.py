@@ -144,7 +144,8 @@ def test_graph_safe_dispatchers_equal_sorted_dispatch():
 
 def test_grouped_gemm_needs_aligned_rows():
     assert not grouped_gemm_supported(torch.device("cpu"), torch.float32, 64, 30)  # 120-byte rows
-    assert not grouped_gemm_supported(torch.device("cpu"), torch.float32, 64, 32, compiled=True)  # fp32 traced
+    assert grouped_gemm_supported(torch.device("cpu"), torch.bfloat16, 64, 32)
+    assert not grouped_gemm_supported(torch.device("cpu"), torch.bfloat16, 64, 4)  # 8-byte rows
 
 
 def test_cuda_graphs_on_cpu_is_a_clear_error(model):

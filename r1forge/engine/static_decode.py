@@ -78,8 +78,8 @@ class StaticDecoder:
         dtype = model.model.embed_tokens.weight.dtype
         self.dispatch = graph_safe_dispatch(device, dtype, config.hidden_size, config.moe_intermediate_size)
         if compile:
-            # The expert GEMMs are library calls already; compiling them only risks worse code (inductor
-            # turns a one-row bmm into a reduction loop). Compile around them: norms, rope, attention, router.
+            # Compile around the experts (norms, rope, attention, router): torch.compile traces _grouped_mm in
+            # bfloat16 only, and the expert GEMMs are library calls already. A CUDA graph still captures them.
             self.dispatch = torch.compiler.disable(self.dispatch)
         for moe in self.moe_layers:  # once, outside inference mode (a trainer may share these parameters)
             stack_expert_weights(moe.experts)

@@ -87,26 +87,23 @@ class DenseDispatch:
         return torch.einsum("te,etd->td", gates_TE, out_ETD.float()).to(x_TD.dtype)
 
 
-def grouped_gemm_supported(device: torch.device, dtype: torch.dtype, hidden_size: int, ffn_size: int,
-                           compiled: bool = False) -> bool:
-    """Whether `torch._grouped_mm` runs here without a host sync: its CPU fallback (any float dtype, eager),
-    or the CUDA kernel (bfloat16 on compute capability 9.0+). torch.compile traces it for bfloat16 only.
-    Row strides must be multiples of 16 bytes."""
+def grouped_gemm_supported(device: torch.device, dtype: torch.dtype, hidden_size: int, ffn_size: int) -> bool:
+    """Whether `torch._grouped_mm` runs here without a host sync: its CPU fallback (any float dtype), or the
+    CUDA kernel (bfloat16 on compute capability 9.0+). Row strides must be multiples of 16 bytes. (Under
+    torch.compile it traces for bfloat16 only, which is why the compiled decode step leaves the MoE eager.)"""
     if not hasattr(torch, "_grouped_mm"):
         return False
     element = torch.empty((), dtype=dtype).element_size()
     if (hidden_size * element) % 16 or (ffn_size * element) % 16:
-        return False
-    if compiled and dtype != torch.bfloat16:
         return False
     if device.type == "cpu":
         return True
     return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def graph_safe_dispatch(device: torch.device, dtype: torch.dtype, hidden_size: int, ffn_size: int,
-                        compiled: bool = False) -> GroupedGemmDispatch | DenseDispatch:
-    """The best dispatcher that a captured graph (or a compiled step) can run on this device and dtype."""
-    if grouped_gemm_supported(device, dtype, hidden_size, ffn_size, compiled):
+def graph_safe_dispatch(device: torch.device, dtype: torch.dtype, hidden_size: int,
+                        ffn_size: int) -> GroupedGemmDispatch | DenseDispatch:
+    """The best dispatcher that a captured graph can replay on this device and dtype."""
+    if grouped_gemm_supported(device, dtype, hidden_size, ffn_size):
         return GroupedGemmDispatch()
     return DenseDispatch()
