@@ -38,9 +38,9 @@ def _prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
     return [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
-def _static_llm(model, max_num_seqs: int = 8, **runner_kwargs) -> LLM:
+def _static_llm(model, max_num_seqs: int = 8, kv_cache_memory: int | None = None, **runner_kwargs) -> LLM:
     """An LLM whose runner takes the fixed-shape decode path (eager unless compile is asked for)."""
-    llm = LLM(model, max_num_seqs=max_num_seqs, block_size=BLOCK)
+    llm = LLM(model, max_num_seqs=max_num_seqs, block_size=BLOCK, kv_cache_memory=kv_cache_memory)
     engine = llm.engine
     engine.runner = ModelRunner(model, engine.block_manager.num_blocks, BLOCK, max_num_seqs=max_num_seqs,
                                 max_model_len=engine.max_model_len, **(runner_kwargs or {"static_decode": True}))
@@ -78,6 +78,21 @@ def test_static_decode_equals_default_engine(model):
     assert static.num_steps >= 39  # every decode step after the prefill took the fixed-shape path
     assert llm.stats()["static_decode_steps"] == static.num_steps and llm.stats()["cuda_graphs_captured"] == 0
     assert llm.stats()["cache_blocks_used"] == 0
+
+
+def test_static_decode_under_preemption(model):
+    """A pool of 12 blocks for 6 sequences of ~80 tokens: preemption and recompute mix prefill chunks with
+    fixed-shape decode steps; every sequence still gets the tokens of an unconstrained engine."""
+    cfg = model.config
+    per_block = BLOCK * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
+    prompts = _prompts([20, 25, 30, 35, 40, 45])
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    roomy = LLM(model, max_num_seqs=8, block_size=BLOCK).generate(prompts, params)
+    tight = _static_llm(model, kv_cache_memory=12 * per_block)
+    outs = tight.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in roomy]
+    assert tight.engine.scheduler.num_preemptions > 0 and tight.engine.runner.static.num_steps > 0
+    assert tight.engine.block_manager.num_used_blocks == 0
 
 
 def test_padding_rows_write_only_the_null_block(model):
