@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from r1forge.rl.grpo_run import GRPORunConfig, grpo_examples, run_grpo
+from r1forge.rl.examples import train_and_held_out
+from r1forge.rl.grpo_run import GRPORunConfig, run_grpo
 from r1forge.rl.grpo_trainer import EvalResult
 from r1forge.rl.rejection import write_json
 from r1forge.train.config import PretrainRunConfig, SFTRunConfig, config_from_dict
@@ -218,7 +219,7 @@ def run_demo(out_dir: str | Path = "runs/demo", grpo_steps: int | None = None,
     apply_overrides(grpo_cfg, overrides.get("grpo", []))
     if grpo_steps is not None:
         grpo_cfg.grpo.steps = grpo_steps
-    _, held_out = grpo_examples(grpo_cfg.data, grpo_cfg.seed)
+    _, held_out = train_and_held_out(grpo_cfg.data, grpo_cfg.seed)
     max_tokens = grpo_cfg.grpo.max_completion_length
 
     # 3. evaluation before RL

@@ -166,18 +166,19 @@ def test_grpo_run_refuses_bad_config(tmp_path: Path) -> None:
 
 
 def test_grpo_reads_prompt_files(tmp_path: Path) -> None:
-    from r1forge.rl.grpo_run import GRPODataConfig, grpo_examples
+    from r1forge.rl.examples import train_and_held_out
+    from r1forge.rl.grpo_run import GRPODataConfig
 
     good = tmp_path / "train.jsonl"
     good.write_text(json.dumps({"question": "Compute 2 + 3.", "answer": 5}) + "\n"
                     + json.dumps({"messages": [{"role": "user", "content": "Compute 4 * 4."}], "answer": "16"}) + "\n")
-    train, held_out = grpo_examples(GRPODataConfig(files=[str(good)], eval_files=[str(good)]), seed=0)
+    train, held_out = train_and_held_out(GRPODataConfig(files=[str(good)], eval_files=[str(good)]), seed=0)
     assert [e["question"] for e in train] == ["Compute 2 + 3.", "Compute 4 * 4."]
     assert train[0]["answer"] == "5" and len(held_out) == 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "no answer"}) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:1:.*answer"):
-        grpo_examples(GRPODataConfig(files=[str(bad)]), seed=0)
+        train_and_held_out(GRPODataConfig(files=[str(bad)]), seed=0)
 
 
 def test_grpo_command_prints_config_and_names_bad_keys(capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,8 +21,8 @@ import torch
 from r1forge import ModelConfig, build_model
 from r1forge.data import SFTDataset, StatefulLoader, load_tokenizer, read_jsonl, train_tokenizer
 from r1forge.engine import LLM
-from r1forge.rl.rejection import (ScoredSample, assistant_prefix, read_examples, rejection_sample, select_samples,
-                                  write_sft_dataset)
+from r1forge.rl.examples import read_examples
+from r1forge.rl.rejection import ScoredSample, assistant_prefix, rejection_sample, select_samples, write_sft_dataset
 from r1forge.rl.rewards import accuracy_reward, format_reward
 from r1forge.train import LogConfig, Trainer, TrainConfig, latest_checkpoint
 

@@ -42,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def examples_from_args(args: argparse.Namespace) -> list[dict]:
     """The prompts: a JSONL file, or built-in problems of the chosen split and difficulty."""
-    from r1forge.data import make_problems, rl_example
-    from r1forge.rl.rejection import read_examples
+    from r1forge.data import make_problems
+    from r1forge.rl.examples import read_examples, reward_example
 
     if args.prompts:
         return read_examples(args.prompts)
@@ -52,7 +52,7 @@ def examples_from_args(args: argparse.Namespace) -> list[dict]:
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     problems = make_problems(args.problems, args.seed, args.split, args.min_steps, args.max_steps, args.max_operand,
                              kinds)
-    return [{k: v for k, v in rl_example(p).items() if k not in ("prompt", "messages")} for p in problems]
+    return [reward_example(p) for p in problems]
 
 
 def run(args: argparse.Namespace) -> int:

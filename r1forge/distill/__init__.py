@@ -8,11 +8,11 @@ distributions (forward KL), and is compared with the teacher on held-out problem
 
 from r1forge.distill.config import DistillDataConfig, DistillRunConfig, KLConfig, StudentSection
 from r1forge.distill.kl import ForwardKLLoss, forward_kl
-from r1forge.distill.run import DistillResult, distill_examples, make_student, run_distill
+from r1forge.distill.run import DistillResult, make_student, run_distill
 from r1forge.distill.student import build_student, dense_student_config
 
 __all__ = [
     "DistillDataConfig", "DistillRunConfig", "KLConfig", "StudentSection", "ForwardKLLoss", "forward_kl",
-    "DistillResult", "distill_examples", "make_student", "run_distill", "build_student",
+    "DistillResult", "make_student", "run_distill", "build_student",
     "dense_student_config",
 ]

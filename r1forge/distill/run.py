@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from r1forge.accounting import count_parameters
-from r1forge.data import SFTDataset, make_problems, read_jsonl, rl_example, sft_messages
+from r1forge.data import SFTDataset, make_problems, read_jsonl, sft_messages
 from r1forge.distill.config import DistillDataConfig, DistillRunConfig
 from r1forge.distill.kl import ForwardKLLoss
 from r1forge.distill.student import build_student, dense_student_config
 from r1forge.rl.grpo_trainer import EvalResult, evaluate
-from r1forge.rl.rejection import (load_policy, read_examples, rejection_sample, sampling_engine, write_json,
-                                  write_sft_dataset)
+from r1forge.rl.examples import train_and_held_out
+from r1forge.rl.rejection import load_policy, rejection_sample, sampling_engine, write_json, write_sft_dataset
 from r1forge.train.checkpointing import resolve_model_dir
 from r1forge.train.config import save_run_config
 from r1forge.train.data import make_loader
@@ -56,27 +56,6 @@ class DistillResult:
     num_sequences: int  # training conversations
     checkpoint: Path | None
     report: dict[str, Any]
-
-
-def _example(problem: Any) -> dict[str, Any]:
-    """An RL example without the keys that the template renders itself (rewards read the rest)."""
-    return {k: v for k, v in rl_example(problem).items() if k not in ("prompt", "messages")}
-
-
-def distill_examples(cfg: DistillDataConfig, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(training prompts, held-out problems), each a dict with "question" and "answer"."""
-    kinds = tuple(cfg.kinds)
-    if cfg.files:
-        train = [ex for path in cfg.files for ex in read_examples(path)]
-    else:
-        train = [_example(p) for p in make_problems(cfg.synthetic_problems, seed, "train", cfg.min_steps,
-                                                     cfg.max_steps, cfg.max_operand, kinds)]
-    if cfg.eval_files:
-        held_out = [ex for path in cfg.eval_files for ex in read_examples(path)]
-    else:
-        held_out = [_example(p) for p in make_problems(cfg.synthetic_eval_problems, seed + 7919, "test",
-                                                        cfg.min_steps, cfg.max_steps, cfg.max_operand, kinds)]
-    return train, held_out
 
 
 def dataset_conversations(cfg: DistillDataConfig, seed: int) -> list[dict[str, Any]]:
@@ -142,7 +121,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     device = resolve_device(cfg.train.device)
     teacher, tokenizer, teacher_dir = load_policy(cfg.teacher, device, key="teacher")
     student = make_student(cfg, teacher, device)
-    train_examples, held_out = distill_examples(cfg.data, cfg.seed)
+    train_examples, held_out = train_and_held_out(cfg.data, cfg.seed)
     data = cfg.data
     n_eval = len(held_out)
     teacher_params = _params(teacher)

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from r1forge.data import load_tokenizer
-from r1forge.data.jsonl import DataError, iter_jsonl
-from r1forge.data.synthetic import KINDS, make_problems, rl_example
+from r1forge.data.synthetic import KINDS
+from r1forge.rl.examples import train_and_held_out
 from r1forge.rl.grpo_config import GRPOConfig
 from r1forge.rl.grpo_trainer import EvalResult, GRPOTrainer
 from r1forge.rl.rewards import REWARD_STATS, combine_rewards
@@ -100,45 +100,6 @@ class GRPOResult:
     plots: list[Path]
 
 
-def _read_examples(files: list[str]) -> list[dict[str, Any]]:
-    out = []
-    for path in files:
-        for line, record in iter_jsonl(path):
-            if "question" not in record and "messages" in record:
-                users = [m for m in record["messages"] if m.get("role") == "user"]
-                if users:
-                    record = {**record, "question": users[-1]["content"]}
-            if not isinstance(record.get("question"), str) or "answer" not in record:
-                raise DataError(path, line, "needs a string 'question' (or user messages) and an 'answer'")
-            record = {**record, "answer": str(record["answer"])}
-            record.pop("prompt", None)  # the template renders the prompt; example keys reach rewards as **kwargs
-            out.append(record)
-    if not out:
-        raise ValueError(f"data.files {files}: no examples")
-    return out
-
-
-def _strip(example: dict[str, Any]) -> dict[str, Any]:
-    """Rewards get `prompt` and `completion` positionally; the rest of the example by keyword."""
-    return {k: v for k, v in example.items() if k not in ("prompt", "messages")}
-
-
-def grpo_examples(cfg: GRPODataConfig, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(training prompts, held-out evaluation problems) as dicts with "question" and "answer"."""
-    kinds = tuple(cfg.kinds)
-    if cfg.files:
-        train = _read_examples(cfg.files)
-    else:
-        train = [_strip(rl_example(p)) for p in make_problems(cfg.synthetic_problems, seed, "train", cfg.min_steps,
-                                                               cfg.max_steps, cfg.max_operand, kinds)]
-    if cfg.eval_files:
-        held_out = _read_examples(cfg.eval_files)
-    else:
-        held_out = [_strip(rl_example(p)) for p in make_problems(cfg.synthetic_eval_problems, seed + 7919, "test",
-                                                                  cfg.min_steps, cfg.max_steps, cfg.max_operand, kinds)]
-    return train, held_out
-
-
 def eval_record(result: EvalResult, prefix: str = "eval") -> dict[str, float]:
     return {f"{prefix}/accuracy": result.accuracy, f"{prefix}/accuracy_stderr": result.stderr,
             f"{prefix}/format_rate": result.format_rate, f"{prefix}/response_length": result.mean_length,
@@ -160,7 +121,7 @@ def run_grpo(cfg: GRPORunConfig, resume: bool = False, before: EvalResult | None
     init_dir = resolve_model_dir(cfg.model.init_from)
     tokenizer = load_tokenizer(checkpoint if checkpoint is not None else init_dir)
     model = build_run_model(cfg.model, tokenizer, device)
-    train_examples, held_out = grpo_examples(cfg.data, cfg.seed)
+    train_examples, held_out = train_and_held_out(cfg.data, cfg.seed)
     held_out = held_out[: cfg.log.eval_problems] if cfg.log.eval_problems else []
     reward_fn = combine_rewards(cfg.rewards)
     trainer = GRPOTrainer(model, tokenizer, cfg.grpo, reward_fn, train_examples)

@@ -302,26 +302,3 @@ def write_sft_dataset(path: str | os.PathLike, records: Iterable[dict[str, Any]]
         Path(tmp).unlink(missing_ok=True)
         raise
     return count
-
-
-def read_examples(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Prompts with reference answers from JSONL: `{"question", "answer"}`, or a chat record (the last user turn
-    is the question) with an "answer"; errors name the file and line."""
-    from r1forge.data.jsonl import DataError, iter_jsonl
-
-    out = []
-    for line, record in iter_jsonl(path):
-        if "question" not in record and isinstance(record.get("messages"), list):
-            users = [m for m in record["messages"] if isinstance(m, dict) and m.get("role") == "user"]
-            if users and isinstance(users[-1].get("content"), str):
-                record = {**record, "question": users[-1]["content"]}
-        if not isinstance(record.get("question"), str):
-            raise DataError(path, line, "needs a string 'question' (or a user message)")
-        if record.get("answer") is None:
-            raise DataError(path, line, "needs an 'answer' to check samples against")
-        record = {k: v for k, v in record.items() if k not in ("messages", "prompt")}
-        record["answer"] = str(record["answer"])
-        out.append(record)
-    if not out:
-        raise ValueError(f"{path}: no examples")
-    return out
