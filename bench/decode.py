@@ -147,7 +147,8 @@ def main() -> None:
 
             ours()  # warm-up (for compile and graphs: compilation and capture)
             t_ours = timed(ours, args.repeats)
-            line += f" | {name} {tok / t_ours:9.1f} tok/s ({t_theirs / t_ours:5.2f}x, {100 * tok / t_ours / limit:4.1f}% of limit)"
+            share = 100 * tok / t_ours / limit
+            line += f" | {name} {tok / t_ours:9.1f} tok/s ({t_theirs / t_ours:5.2f}x, {share:4.1f}% of limit)"
         bound = "memory" if memory_s >= compute_s else "compute"
         print(line + f" | limit {limit:9.1f} tok/s ({bound}-bound)")
     llm = variants["r1forge"]

@@ -89,7 +89,7 @@ class DenseDispatch:
 
 def grouped_gemm_supported(device: torch.device, dtype: torch.dtype, hidden_size: int, ffn_size: int) -> bool:
     """Whether `torch._grouped_mm` runs here without a host sync: its CPU fallback (any float dtype), or the
-    CUDA kernel (bfloat16 on compute capability 9.0+). Row strides must be multiples of 16 bytes. (Under
+    CUDA kernel (bfloat16 on compute capability 9.x / 10.x). Row strides must be multiples of 16 bytes. (Under
     torch.compile it traces for bfloat16 only, which is why the compiled decode step leaves the MoE eager.)"""
     if not hasattr(torch, "_grouped_mm"):
         return False
@@ -98,7 +98,9 @@ def grouped_gemm_supported(device: torch.device, dtype: torch.dtype, hidden_size
         return False
     if device.type == "cpu":
         return True
-    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+    # The CUTLASS kernel is built for sm90 / sm100; elsewhere _grouped_mm falls back to a loop that reads offs
+    # on the host.
+    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] in (9, 10)
 
 
 def graph_safe_dispatch(device: torch.device, dtype: torch.dtype, hidden_size: int,
