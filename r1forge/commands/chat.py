@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TextIO
 
 from r1forge.commands.engine_args import add_engine_arguments, engine_kwargs
 
@@ -20,9 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p)
 
 
-def chat_turn(llm, messages: list[dict], params, thinking: bool, out=sys.stdout) -> str:
+def chat_turn(llm, messages: list[dict], params, thinking: bool, out: TextIO | None = None) -> str:
     """Stream one assistant reply, reasoning dimmed; returns the answer text (what goes into the history)."""
     from r1forge.serve.reasoning import ReasoningStreamParser
+
+    out = out or sys.stdout  # looked up per call: sys.stdout may be redirected after import
 
     ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking)
     parser = ReasoningStreamParser(prompt_opened_think=thinking)
@@ -52,6 +55,12 @@ def chat_turn(llm, messages: list[dict], params, thinking: bool, out=sys.stdout)
 
 
 def run(args: argparse.Namespace) -> int:
+    from r1forge.train.cli import run_with_errors
+
+    return run_with_errors(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     from r1forge import LLM, SamplingParams
 
     llm = LLM(args.model, **engine_kwargs(args))

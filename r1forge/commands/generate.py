@@ -47,6 +47,12 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from r1forge.train.cli import run_with_errors
+
+    return run_with_errors(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     from r1forge import LLM, SamplingParams
 
     prompts = read_prompts(args)

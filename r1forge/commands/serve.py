@@ -49,10 +49,14 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 def run(args: argparse.Namespace) -> int:
     from r1forge.serve import build_engine, serve
+    from r1forge.train.cli import run_with_errors
 
-    config = server_config(args)
-    engine = build_engine(args.model, max_waiting=args.max_waiting, max_num_seqs=args.max_num_seqs,
-                          max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
-                          **engine_kwargs(args))
-    serve(engine, config)
-    return 0
+    def start() -> int:
+        config = server_config(args)
+        engine = build_engine(args.model, max_waiting=args.max_waiting, max_num_seqs=args.max_num_seqs,
+                              max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+                              **engine_kwargs(args))
+        serve(engine, config)
+        return 0
+
+    return run_with_errors(start)

@@ -53,8 +53,8 @@ def report_error(error: Exception) -> int:
 
 
 def run_with_errors(fn: Any) -> int:
-    """Call fn() and turn ValueError (bad user input) into a one-line message and exit code 2."""
+    """Call fn() and turn bad user input (ValueError, a missing file) into a one-line message and exit code 2."""
     try:
         return int(fn() or 0)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         return report_error(e)
