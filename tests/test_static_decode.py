@@ -80,6 +80,20 @@ def test_static_decode_equals_default_engine(model):
     assert llm.stats()["cache_blocks_used"] == 0
 
 
+def test_static_decode_of_a_dense_model():
+    """A dense model (what distillation produces) has no MoE layer: the fixed-shape step runs without one."""
+    torch.manual_seed(0)
+    cfg = r1forge.ModelConfig.from_preset("tiny", vocab_size=VOCAB, first_k_dense_replace=2, n_routed_experts=None,
+                                          moe_intermediate_size=None)
+    dense = r1forge.build_model(cfg).eval()
+    assert not dense.moe_layers()
+    prompts, params = _prompts([5, 21]), SamplingParams(temperature=0.0, max_tokens=10, logprobs=0, ignore_eos=True)
+    reference = LLM(dense, max_num_seqs=8, block_size=BLOCK).generate(prompts, params)
+    llm = _static_llm(dense)
+    _assert_same_outputs(llm.generate(prompts, params), reference)
+    assert llm.engine.runner.static.num_steps == 9
+
+
 def test_static_decode_under_preemption(model):
     """A pool of 12 blocks for 6 sequences of ~80 tokens: preemption and recompute mix prefill chunks with
     fixed-shape decode steps; every sequence still gets the tokens of an unconstrained engine."""

@@ -76,11 +76,12 @@ class StaticDecoder:
         self.moe_layers = model.moe_layers()
         config = model.config
         dtype = model.model.embed_tokens.weight.dtype
-        self.dispatch = graph_safe_dispatch(device, dtype, config.hidden_size, config.moe_intermediate_size)
-        if compile:
+        self.dispatch = None  # a dense model (a distilled student) has no experts to dispatch
+        if self.moe_layers:
+            dispatch = graph_safe_dispatch(device, dtype, config.hidden_size, config.moe_intermediate_size)
             # Compile around the experts (norms, rope, attention, router): torch.compile traces _grouped_mm in
             # bfloat16 only, and the expert GEMMs are library calls already. A CUDA graph still captures them.
-            self.dispatch = torch.compiler.disable(self.dispatch)
+            self.dispatch = torch.compiler.disable(dispatch) if compile else dispatch
         for moe in self.moe_layers:  # once, outside inference mode (a trainer may share these parameters)
             stack_expert_weights(moe.experts)
         B, M = max_batch, max_blocks
