@@ -200,6 +200,7 @@ def test_compiled_decode_equals_eager(model):
     assert llm.engine.runner.static.num_steps >= 11
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_decode_equals_eager():
     m = _model().cuda()
@@ -231,6 +232,7 @@ def test_decode_step_traces_as_one_graph(dtype):
     torch._dynamo.reset()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10),
                     reason="the grouped-GEMM kernel needs a CUDA device of compute capability 9.x or 10.x")
 def test_grouped_gemm_dispatch_on_cuda_bf16():

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The checks that need an NVIDIA GPU, in one run: the tests marked `gpu` (CUDA-graph decode, grouped-GEMM MoE,
+# FP8 dequantisation on the device), then decode throughput against transformers in bfloat16 with the
+# DeepSeek-V2-Lite-shaped model, eager / CUDA graphs / compile + graphs side by side, with the bandwidth limit.
+#
+#   bash bench/gpu_check.sh [LOG_DIR]      # python3 with torch, transformers, safetensors, tokenizers, pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+logs=${1:-.}
+mkdir -p "$logs"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+python3 -m pytest -q -m gpu tests/test_static_decode.py tests/test_checkpoint.py 2>&1 | tee "$logs/gpu_tests.log"
+python3 bench/decode.py --device cuda --dtype bfloat16 --preset v2-lite-shaped --batches 1,32 \
+    --prompt-len 32 --new-tokens 64 --cuda-graphs --compile 2>&1 | tee "$logs/decode_cuda.log"
