@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,20 @@ def _newest_model(run_dir: Path) -> Path:
     return resolve_model_dir(run_dir)
 
 
+def _train_stage(name: str, run_dir: Path, out: Path, timings: dict[str, float],
+                 train: Callable[[bool], Any]) -> None:
+    """Run a training stage (`train(resume)` returns a result with eval_loss) unless its DONE.json exists; a
+    rerun stage makes the later stages' results stale."""
+    if _done(run_dir) is not None:
+        print(f"cached: {run_dir} (delete it to redo this stage)")
+        return
+    t0 = time.perf_counter()
+    result = train((run_dir / "checkpoints").is_dir())
+    timings[name] = time.perf_counter() - t0
+    _mark_done(run_dir, {"eval_loss": result.eval_loss, "seconds": timings[name]})
+    _invalidate(out, after=name)
+
+
 def run_demo(out_dir: str | Path = "runs/demo", grpo_steps: int | None = None,
              overrides: dict[str, list[str]] | None = None,
              pass_at_k_problems: int = PASS_AT_K_PROBLEMS) -> dict[str, Any]:
@@ -188,31 +203,16 @@ def run_demo(out_dir: str | Path = "runs/demo", grpo_steps: int | None = None,
     # 1. tokenizer + pretraining
     pre_dir = out / "pretrain"
     _banner("1/5 tokenizer + pretraining a tiny MLA + DeepSeekMoE model on the built-in corpus")
-    if _done(pre_dir) is None:
-        t0 = time.perf_counter()
-        cfg = apply_overrides(config_from_dict(PretrainRunConfig, {**PRETRAIN, "run_dir": str(pre_dir)}),
-                              overrides.get("pretrain", []))
-        result = run_pretrain(cfg, resume=(pre_dir / "checkpoints").is_dir())
-        timings["pretrain"] = time.perf_counter() - t0
-        _mark_done(pre_dir, {"eval_loss": result.eval_loss, "seconds": timings["pretrain"]})
-        _invalidate(out, after="pretrain")
-    else:
-        print(f"cached: {pre_dir} (delete it to redo this stage)")
+    pretrain_config = {**PRETRAIN, "run_dir": str(pre_dir)}
+    _train_stage("pretrain", pre_dir, out, timings, lambda resume: run_pretrain(apply_overrides(
+        config_from_dict(PretrainRunConfig, pretrain_config), overrides.get("pretrain", [])), resume=resume))
 
     # 2. cold-start SFT
     sft_dir = out / "sft"
     _banner("2/5 cold-start SFT on chain-of-thought conversations (<think> ... </think> <answer> ... </answer>)")
-    if _done(sft_dir) is None:
-        t0 = time.perf_counter()
-        cfg = apply_overrides(config_from_dict(SFTRunConfig, {**SFT, "run_dir": str(sft_dir),
-                                                              "model": {**SFT["model"], "init_from": str(pre_dir)}}),
-                              overrides.get("sft", []))
-        result = run_sft(cfg, resume=(sft_dir / "checkpoints").is_dir())
-        timings["sft"] = time.perf_counter() - t0
-        _mark_done(sft_dir, {"eval_loss": result.eval_loss, "seconds": timings["sft"]})
-        _invalidate(out, after="sft")
-    else:
-        print(f"cached: {sft_dir} (delete it to redo this stage)")
+    sft_config = {**SFT, "run_dir": str(sft_dir), "model": {**SFT["model"], "init_from": str(pre_dir)}}
+    _train_stage("sft", sft_dir, out, timings, lambda resume: run_sft(apply_overrides(
+        config_from_dict(SFTRunConfig, sft_config), overrides.get("sft", [])), resume=resume))
 
     grpo_cfg = config_from_dict(GRPORunConfig, {**GRPO, "run_dir": str(out / "grpo"),
                                                  "model": {"mtp": False, "init_from": str(sft_dir)}})

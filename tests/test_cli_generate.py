@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import r1forge
+from conftest import randomise_
 from r1forge.cli import main
 from r1forge.commands.chat import DIM, RESET, chat_turn
 from r1forge.data import load_tokenizer, make_pretrain_corpus, train_tokenizer
@@ -25,9 +26,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     model = r1forge.build_model(r1forge.ModelConfig.from_preset(
         "tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    with torch.no_grad():  # decisive logits: greedy output does not depend on batching
-        for name, p in model.named_parameters():
-            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, 0.3)
+    randomise_(model, std=0.3)  # decisive logits: greedy output does not depend on batching
     model.save_pretrained(out)
     return out
 

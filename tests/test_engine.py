@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import r1forge
+from conftest import randomise_
 from r1forge import LLM, SamplingParams
 from r1forge.engine import AsyncLLM, LLMEngine
 from r1forge.engine import sampler as sampler_module
@@ -16,22 +17,12 @@ from r1forge.engine import sampler as sampler_module
 VOCAB = 256
 
 
-def _randomise(model: torch.nn.Module, std: float = 0.3) -> None:
-    """Large random weights give decisive argmaxes, so greedy comparisons test the math, not tie-breaking."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, std)
-        for name, b in model.named_buffers():
-            if "e_score_correction_bias" in name:
-                b.normal_(0.0, 0.1)
-
-
 @pytest.fixture(scope="module")
 def model() -> r1forge.DeepseekForCausalLM:
     torch.manual_seed(0)
     cfg = r1forge.ModelConfig.from_preset("tiny", vocab_size=VOCAB, num_hidden_layers=3, max_position_embeddings=512)
     m = r1forge.build_model(cfg)
-    _randomise(m)
+    randomise_(m, std=0.3)
     return m.eval()
 
 
@@ -64,7 +55,7 @@ def test_greedy_equals_transformers_generate(tmp_path):
         eos_token_id=1, pad_token_id=0,
     )
     hf = transformers.DeepseekV3ForCausalLM(hf_cfg).eval()
-    _randomise(hf)
+    randomise_(hf, std=0.3)
     hf.save_pretrained(tmp_path)
     llm = LLM(str(tmp_path), max_num_seqs=8, block_size=16)
     prompts = _prompts([3, 17, 33, 64, 70])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import r1forge
+from conftest import randomise_
 from r1forge import LLM, SamplingParams
 from r1forge.engine.model_runner import ModelRunner
 from r1forge.engine.static_decode import batch_buckets, block_buckets
@@ -21,11 +22,8 @@ BLOCK = 16
 def _model(seed: int = 0) -> r1forge.DeepseekForCausalLM:
     torch.manual_seed(seed)
     cfg = r1forge.ModelConfig.from_preset("tiny", vocab_size=VOCAB, num_hidden_layers=3, max_position_embeddings=512)
-    m = r1forge.build_model(cfg)
-    with torch.no_grad():  # large random weights: decisive argmaxes, so greedy comparisons test the math
-        for name, p in m.named_parameters():
-            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, 0.3)
-    return m.eval()
+    # Large random weights: decisive argmaxes, so greedy comparisons test the math.
+    return randomise_(r1forge.build_model(cfg), std=0.3).eval()
 
 
 @pytest.fixture(scope="module")

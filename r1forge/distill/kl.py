@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from r1forge.train.balance import aux_loss
+from r1forge.train.balance import add_aux_loss
 from r1forge.train.loss import IGNORE_INDEX, Batch, LossOutput
 
 
@@ -93,9 +93,4 @@ class ForwardKLLoss:
             ce = F.cross_entropy(picked.float(), labels[mask], reduction="sum") / denom
             total = total + self.ce_weight * ce
             metrics["ce"] = ce.detach()
-        balance = aux_loss(model)
-        if balance is not None:
-            balance = balance / num_micro_batches
-            total = total + balance
-            metrics["aux_loss"] = balance.detach()
-        return LossOutput(total, metrics)
+        return LossOutput(add_aux_loss(model, total, metrics, num_micro_batches), metrics)

@@ -129,9 +129,9 @@ class StaticDecoder:
         Bp = _bucket(self.batch_sizes, B)
         M = _bucket(self.block_counts, max(len(t) for t in block_tables))
         bs = self.block_size
-        tables = torch.full((Bp, M), self.null_block, dtype=torch.long)
-        for b, table in enumerate(block_tables):
-            tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
+        null = self.null_block
+        rows = [table + [null] * (M - len(table)) for table in block_tables] + [[null] * M] * (Bp - B)
+        tables = torch.tensor(rows, dtype=torch.long)  # one host tensor, not one per sequence
         pos = torch.zeros(Bp, dtype=torch.long)
         pos[:B] = torch.tensor(positions, dtype=torch.long)
         slots = tables[torch.arange(Bp), pos // bs] * bs + pos % bs  # padding rows: the null block's slot 0

@@ -47,11 +47,6 @@ def stack_expert_weights(experts: nn.ModuleList) -> tuple[torch.Tensor, torch.Te
     return w13, w2
 
 
-def _combine(out_TKD: torch.Tensor, topk_weights_TK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """sum_k g_k E_k(x), accumulated in float32 (as SortedDispatch does)."""
-    return (out_TKD.float() * topk_weights_TK.unsqueeze(-1)).sum(dim=1).to(dtype)
-
-
 class GroupedGemmDispatch:
     """Sort the T*K token copies by expert; run all experts with one grouped GEMM per projection."""
 
@@ -70,7 +65,8 @@ class GroupedGemmDispatch:
         out_sorted = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)  # [T*K, D]
         out = torch.empty_like(out_sorted)
         out[order] = out_sorted  # back to (token, k) order
-        return _combine(out.view(T, K, -1), topk_weights_TK, x_TD.dtype)
+        # sum_k g_k E_k(x), accumulated in float32 as SortedDispatch does
+        return (out.view(T, K, -1).float() * topk_weights_TK.unsqueeze(-1)).sum(dim=1).to(x_TD.dtype)
 
 
 class DenseDispatch:

@@ -144,3 +144,15 @@ def aux_loss(model: nn.Module) -> torch.Tensor | None:
     """Sum of the MoE layers' sequence-wise balance losses from the last forward (None when all are off)."""
     losses = [layer.aux_loss for layer in moe_layers(model) if layer.aux_loss is not None]
     return torch.stack(losses).sum() if losses else None
+
+
+def add_aux_loss(model: nn.Module, total: torch.Tensor, metrics: dict[str, torch.Tensor],
+                 num_micro_batches: int) -> torch.Tensor:
+    """`total` plus the balance loss of the last forward, split over the step's micro-batches (each adds its
+    share), recorded as metrics["aux_loss"]; `total` unchanged when the loss is off."""
+    balance = aux_loss(model)
+    if balance is None:
+        return total
+    balance = balance / num_micro_batches
+    metrics["aux_loss"] = balance.detach()
+    return total + balance

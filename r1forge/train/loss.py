@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from r1forge.train.balance import aux_loss
+from r1forge.train.balance import add_aux_loss
 
 IGNORE_INDEX = -100
 Batch = dict[str, torch.Tensor]
@@ -100,12 +100,7 @@ class CausalLMLoss:
             mtp = torch.stack(per_depth).sum() / depths
             total = total + self.mtp_lambda * mtp
             metrics["mtp_loss"] = mtp.detach()
-        balance = aux_loss(model)
-        if balance is not None:
-            balance = balance / num_micro_batches
-            total = total + balance
-            metrics["aux_loss"] = balance.detach()
-        return LossOutput(total, metrics)
+        return LossOutput(add_aux_loss(model, total, metrics, num_micro_batches), metrics)
 
 
 @torch.no_grad()
