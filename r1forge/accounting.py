@@ -62,6 +62,6 @@ class CacheBytes:
 def kv_cache_bytes_per_token(config: ModelConfig, element_size: int = 2) -> CacheBytes:
     """MLA caches c_kv + k_rope (C + R) per layer; MHA caches every head's K (Dn+R) and V (Dv)."""
     L, H = config.num_hidden_layers, config.num_attention_heads
-    mla = (config.kv_lora_rank + config.qk_rope_head_dim) * L * element_size
+    mla = config.latent_dim * L * element_size
     per_head = config.qk_head_dim + config.v_head_dim
     return CacheBytes(mla=mla, mha=H * per_head * L * element_size, gqa8=min(8, H) * per_head * L * element_size)

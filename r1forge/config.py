@@ -65,6 +65,11 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ derived
     @property
+    def latent_dim(self) -> int:
+        """d_c + d_h^R: what MLA caches per token and layer (the compressed KV latent and the shared rope key)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 

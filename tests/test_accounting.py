@@ -112,7 +112,7 @@ def test_info_context_and_cache_dtype(capsys):
     assert main(["info", "--preset", "tiny", "--context", "1000", "--cache-dtype", "fp32"]) == 0
     out = capsys.readouterr().out
     config = ModelConfig.from_preset("tiny")
-    mla = (config.kv_lora_rank + config.qk_rope_head_dim) * config.num_hidden_layers * 4
+    mla = config.latent_dim * config.num_hidden_layers * 4
     assert f"{mla:,} B" in out and "(fp32, all 2 layers)" in out and "1,000-token context" in out
 
 

@@ -13,7 +13,7 @@ import torch
 
 import r1forge
 from r1forge import LLM, SamplingParams
-from r1forge.engine import AsyncLLM, EngineDeadError, LLMEngine
+from r1forge.engine import AsyncLLM, EngineConfig, EngineDeadError, LLMEngine
 
 VOCAB = 256
 
@@ -221,7 +221,7 @@ def test_dead_engine_loop_is_reported_and_health_says_so(engine):
 def test_engine_abort_during_prefill_ends_all_n_completions(model):
     """A request aborted while its prompt is still being prefilled has not forked its n - 1 siblings yet:
     each of the n completions must still get a final delta and output with finish_reason "abort"."""
-    engine = LLMEngine(model, None, num_blocks=32, block_size=16, max_num_batched_tokens=16)
+    engine = LLMEngine(model, None, EngineConfig(num_blocks=32, block_size=16, max_num_batched_tokens=16))
     engine.add_request(_prompt(60), SamplingParams(n=3, max_tokens=5), request_id="r")
     assert engine.step() == []  # the first 16-token chunk of the prompt: nothing sampled yet
     assert engine.block_manager.num_used_blocks > 0
@@ -233,7 +233,7 @@ def test_engine_abort_during_prefill_ends_all_n_completions(model):
 
 
 def test_engine_abort_after_forking_ends_only_the_unfinished(model):
-    engine = LLMEngine(model, None, num_blocks=32, block_size=16)
+    engine = LLMEngine(model, None, EngineConfig(num_blocks=32, block_size=16))
     engine.add_request(_prompt(10), SamplingParams(n=2, max_tokens=50, ignore_eos=True), request_id="r")
     first = engine.step()
     assert sorted(d.index for d in first) == [0, 1] and all(d.finish_reason is None for d in first)

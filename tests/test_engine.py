@@ -11,7 +11,7 @@ import torch
 import r1forge
 from conftest import randomise_
 from r1forge import LLM, SamplingParams
-from r1forge.engine import AsyncLLM, LLMEngine
+from r1forge.engine import AsyncLLM, EngineConfig, LLMEngine
 from r1forge.engine import sampler as sampler_module
 
 VOCAB = 256
@@ -33,7 +33,7 @@ def _prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
 
 def _pool_bytes(model, num_blocks: int, block_size: int = 16) -> int:
     cfg = model.config
-    return num_blocks * block_size * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
+    return num_blocks * block_size * cfg.latent_dim * cfg.num_hidden_layers * 4
 
 
 def _greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
@@ -93,12 +93,12 @@ def test_decode_logits_equal_full_forward_every_step(model, monkeypatch, absorbe
 def test_cache_bytes_per_token_and_pool_size(model):
     llm = LLM(model, max_num_seqs=4, kv_cache_memory=1 << 20, block_size=16)
     cfg = model.config
-    expected = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
+    expected = cfg.latent_dim * cfg.num_hidden_layers * 4
     assert llm.cache_bytes_per_token == expected
     runner = llm.engine.runner
     slots = llm.engine.block_manager.num_blocks * llm.engine.block_manager.block_size
     assert len(runner.kv_caches) == cfg.num_hidden_layers
-    assert all(c.shape == (slots // 16, 16, cfg.kv_lora_rank + cfg.qk_rope_head_dim) for c in runner.kv_caches)
+    assert all(c.shape == (slots // 16, 16, cfg.latent_dim) for c in runner.kv_caches)
     assert runner.pool_bytes == sum(c.numel() * c.element_size() for c in runner.kv_caches) == slots * expected
     assert runner.pool_bytes <= 1 << 20
 
@@ -249,7 +249,7 @@ def test_async_engine_abort_frees_blocks(model):
 
 
 def test_engine_rejects_duplicate_request_ids(model):
-    engine = LLMEngine(model, None, num_blocks=16, block_size=16)
+    engine = LLMEngine(model, None, EngineConfig(num_blocks=16, block_size=16))
     engine.add_request([3, 4], SamplingParams(max_tokens=1), request_id="a")
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request([3, 4], SamplingParams(max_tokens=1), request_id="a")

@@ -62,14 +62,10 @@ def test_engine_logprobs_equal_training_logprobs(tokenizer_dir: Path, temperatur
 def test_static_decode_rollouts_follow_weight_updates(tokenizer_dir: Path) -> None:
     """Rollouts through the fixed-shape decode path (what CUDA graphs replay: grouped-GEMM MoE over expert
     weights stacked in place) still give the trainer's logprobs after optimizer steps changed the weights."""
-    from r1forge.engine.model_runner import ModelRunner
-
     tok = load_tokenizer(tokenizer_dir)
     model = _policy(tokenizer_dir)
-    llm = LLM(model, tokenizer=tok, max_num_seqs=16, block_size=16)
+    llm = LLM(model, tokenizer=tok, max_num_seqs=16, block_size=16, static_decode=True)
     engine = llm.engine
-    engine.runner = ModelRunner(model, engine.block_manager.num_blocks, 16, static_decode=True, max_num_seqs=16,
-                                max_model_len=engine.max_model_len)
     cfg = GRPOConfig(steps=2, prompts_per_step=4, num_generations=4, max_completion_length=12, learning_rate=2e-2,
                      template="r1-zero", temperature=1.0, seed=0, micro_batch_size=64)
     trainer = GRPOTrainer(model, tok, cfg, _digit_share, QUESTIONS, llm=llm)

@@ -61,7 +61,7 @@ class PagedRun:
             self.block_tables.append(pool[:n])
             pool = pool[n:]
         self.spare_blocks = pool
-        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        width = cfg.latent_dim
         self.kv_caches = [torch.zeros(self.num_blocks, block_size, width) for _ in range(cfg.num_hidden_layers)]
         self.cached = [0] * len(final_lens)
 

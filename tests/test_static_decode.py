@@ -10,7 +10,7 @@ import torch
 import r1forge
 from conftest import randomise_
 from r1forge import LLM, SamplingParams
-from r1forge.engine.model_runner import ModelRunner
+from r1forge.engine import EngineConfig
 from r1forge.engine.static_decode import batch_buckets, block_buckets
 from r1forge.model.moe import SortedDispatch
 from r1forge.model.moe_static import DenseDispatch, GroupedGemmDispatch, grouped_gemm_supported, stack_expert_weights
@@ -36,13 +36,10 @@ def _prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
     return [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
-def _static_llm(model, max_num_seqs: int = 8, kv_cache_memory: int | None = None, **runner_kwargs) -> LLM:
-    """An LLM whose runner takes the fixed-shape decode path (eager unless compile is asked for)."""
-    llm = LLM(model, max_num_seqs=max_num_seqs, block_size=BLOCK, kv_cache_memory=kv_cache_memory)
-    engine = llm.engine
-    engine.runner = ModelRunner(model, engine.block_manager.num_blocks, BLOCK, max_num_seqs=max_num_seqs,
-                                max_model_len=engine.max_model_len, **(runner_kwargs or {"static_decode": True}))
-    return llm
+def _static_llm(model, max_num_seqs: int = 8, kv_cache_memory: int | None = None, compile: bool = False) -> LLM:
+    """An LLM that takes the fixed-shape decode path (eager unless compile is asked for)."""
+    return LLM(model, max_num_seqs=max_num_seqs, block_size=BLOCK, kv_cache_memory=kv_cache_memory,
+               static_decode=True, compile=compile)
 
 
 def _assert_same_outputs(ours, reference) -> None:
@@ -96,7 +93,7 @@ def test_static_decode_under_preemption(model):
     """A pool of 12 blocks for 6 sequences of ~80 tokens: preemption and recompute mix prefill chunks with
     fixed-shape decode steps; every sequence still gets the tokens of an unconstrained engine."""
     cfg = model.config
-    per_block = BLOCK * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
+    per_block = BLOCK * cfg.latent_dim * cfg.num_hidden_layers * 4
     prompts = _prompts([20, 25, 30, 35, 40, 45])
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     roomy = LLM(model, max_num_seqs=8, block_size=BLOCK).generate(prompts, params)
@@ -182,7 +179,7 @@ def test_cuda_graphs_on_cpu_is_a_clear_error(model):
 
 def test_pool_budget_includes_the_null_block(model):
     cfg = model.config
-    per_block = BLOCK * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
+    per_block = BLOCK * cfg.latent_dim * cfg.num_hidden_layers * 4
     llm = LLM(model, max_num_seqs=4, block_size=BLOCK, kv_cache_memory=10 * per_block, compile=True)
     runner = llm.engine.runner
     assert llm.engine.block_manager.num_blocks == 9 and all(c.shape[0] == 10 for c in runner.kv_caches)
@@ -220,9 +217,10 @@ def test_decode_step_traces_as_one_graph(dtype):
 
     m = _model(seed=5).to(dtype)
     r1forge.model.keep_router_fp32(m)
-    caches = [torch.zeros(9, BLOCK, m.config.kv_lora_rank + m.config.qk_rope_head_dim, dtype=dtype)
+    caches = [torch.zeros(9, BLOCK, m.config.latent_dim, dtype=dtype)
               for _ in range(m.config.num_hidden_layers)]
-    static = StaticDecoder(m, caches, BLOCK, null_block=8, max_batch=4, max_blocks=4)
+    config = EngineConfig(max_num_seqs=4, block_size=BLOCK, num_blocks=8, max_model_len=4 * BLOCK, static_decode=True)
+    static = StaticDecoder(m, caches, config)
     static.dispatch = (GroupedGemmDispatch if dtype == torch.bfloat16 else DenseDispatch)()
     static.step_fn = torch.compile(static.forward, fullgraph=True, backend="eager")
     logits = static.run([5, 6, 7], [0, 17, 40], [[0], [1, 2], [3, 4, 5]])

@@ -9,14 +9,11 @@ from typing import Any
 
 import torch
 
+from r1forge.engine.config import EngineConfig
 from r1forge.engine.llm_engine import LLMEngine
-from r1forge.engine.model_runner import cache_bytes_per_token
 from r1forge.engine.outputs import RequestOutput, StreamDelta
 from r1forge.engine.sampling_params import SamplingParams
 from r1forge.model import DeepseekForCausalLM
-
-_CPU_DEFAULT_CACHE_BYTES = 1 << 30
-
 
 def _load_tokenizer(directory: Path) -> Any | None:
     if not (directory / "tokenizer.json").exists():
@@ -33,24 +30,16 @@ class LLM:
         model: a checkpoint directory or a `DeepseekForCausalLM`.
         tokenizer: r1forge `Tokenizer` (or anything with encode/decode/eos_token_id); loaded from the
             directory when it holds a tokenizer.json.
-        max_num_seqs: sequences decoded together at most.
-        kv_cache_memory: bytes for the latent pool; default: what max_num_seqs full-length sequences need,
-            capped at 1 GiB on CPU or 90% of free memory on a GPU.
-        block_size: tokens per cache block (64, FlashMLA's page size).
-        max_num_batched_tokens: token budget of one step (prefill chunks + decodes).
-        absorbed: weight-absorbed latent attention (True) or the naive expand-K/V path (False).
-        cuda_graphs: capture decode steps as CUDA graphs (padded to batch and context buckets) and replay
-            them: one launch per step instead of hundreds. CUDA only; off by default.
-        compile: run decode steps through `torch.compile` (dynamic shapes). Works on CPU and GPU; off by
-            default (on this project's CPU it does not pay for its compile time on short runs).
+        config: the engine's options as one `EngineConfig`; or give them as keyword arguments
+            (`max_num_seqs=`, `block_size=`, `kv_cache_memory=`, `cuda_graphs=`, ...: the field names), which
+            override the config's.
+        dtype, device: where and how a checkpoint directory is loaded (default: bf16 on CUDA, fp32 on CPU).
     """
 
     def __init__(self, model: str | os.PathLike | DeepseekForCausalLM, tokenizer: Any | None = None,
-                 max_num_seqs: int = 256, kv_cache_memory: int | None = None, block_size: int = 64,
-                 max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
-                 dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                 enable_prefix_caching: bool = True, absorbed: bool = True, cuda_graphs: bool = False,
-                 compile: bool = False) -> None:
+                 config: EngineConfig | None = None, *, dtype: torch.dtype | None = None,
+                 device: str | torch.device | None = None, **engine_options: Any) -> None:
+        config = (config or EngineConfig()).with_options(**engine_options)
         if isinstance(model, (str, os.PathLike)):
             from r1forge.loading import load_model
 
@@ -65,25 +54,9 @@ class LLM:
         model.eval()
         self.model = model
         self.tokenizer = tokenizer
-        cache_dtype = model.model.embed_tokens.weight.dtype
-        self.cache_bytes_per_token = cache_bytes_per_token(model, cache_dtype)
-        max_len = min(max_model_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
-        per_block = self.cache_bytes_per_token * block_size
-        if kv_cache_memory is None:
-            device_ = next(model.parameters()).device
-            if device_.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(device_)
-                cap = int(free * 0.9)
-            else:
-                cap = _CPU_DEFAULT_CACHE_BYTES
-            kv_cache_memory = min(cap, max_num_seqs * (max_len + block_size) * self.cache_bytes_per_token)
-        # A fixed-shape decode step keeps one block of the budget for its padding rows.
-        num_blocks = int(kv_cache_memory // per_block) - (cuda_graphs or compile)
-        if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes is less than one cache block ({per_block} bytes)")
-        self.engine = LLMEngine(model, tokenizer, num_blocks, block_size, max_num_seqs,
-                                max(max_num_batched_tokens, 1), max_len, enable_prefix_caching, absorbed,
-                                cuda_graphs=cuda_graphs, compile=compile)
+        self.engine = LLMEngine(model, tokenizer, config)
+        self.config = self.engine.config
+        self.cache_bytes_per_token = self.engine.runner.cache_bytes_per_token
 
     # ------------------------------------------------------------------ offline generation
     def generate(self, prompts: str | list[int] | SequenceABC[str | list[int]],

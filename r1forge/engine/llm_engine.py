@@ -16,7 +16,8 @@ import torch
 
 from r1forge.engine.block_manager import BlockManager
 from r1forge.engine.detokenizer import Detokenizer
-from r1forge.engine.model_runner import ModelRunner
+from r1forge.engine.config import EngineConfig
+from r1forge.engine.model_runner import ModelRunner, cache_bytes_per_token
 from r1forge.engine.outputs import CompletionOutput, RequestOutput, StreamDelta
 from r1forge.engine.sampler import sample
 from r1forge.engine.sampling_params import SamplingParams
@@ -40,19 +41,23 @@ class Request:
 
 
 class LLMEngine:
-    def __init__(self, model: DeepseekForCausalLM, tokenizer: Any | None, num_blocks: int, block_size: int = 64,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, absorbed: bool = True, *, cuda_graphs: bool = False,
-                 compile: bool = False) -> None:
+    """Args:
+        config: the engine's options; resolved here against the model (context length, pool size) and the
+            resolved copy, `self.config`, is what the scheduler, runner and static decoder read.
+    """
+
+    def __init__(self, model: DeepseekForCausalLM, tokenizer: Any | None, config: EngineConfig | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.max_model_len = min(max_model_len or model.config.max_position_embeddings,
-                                 model.config.max_position_embeddings)
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, block_size, absorbed=absorbed, compile=compile,
-                                  cuda_graphs=cuda_graphs, max_num_seqs=max_num_seqs,
-                                  max_model_len=self.max_model_len)
+        device = next(model.parameters()).device
+        cache_dtype = model.model.embed_tokens.weight.dtype
+        self.config = (config or EngineConfig()).resolve(model.config.max_position_embeddings,
+                                                         cache_bytes_per_token(model, cache_dtype), device)
+        self.max_model_len = self.config.max_model_len
+        self.block_manager = BlockManager(self.config.num_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.config)
         self.requests: dict[str, Request] = {}
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
         if self.eos_token_id is None:

@@ -8,55 +8,42 @@ from __future__ import annotations
 
 import torch
 
+from r1forge.engine.config import EngineConfig
 from r1forge.engine.scheduler import ScheduledBatch
 from r1forge.engine.static_decode import StaticDecoder
 from r1forge.engine.sequence import Sequence
 from r1forge.model import AttentionMetadata, DeepseekForCausalLM
 
 
-def latent_width(model: DeepseekForCausalLM) -> int:
-    return model.config.kv_lora_rank + model.config.qk_rope_head_dim
-
-
 def cache_bytes_per_token(model: DeepseekForCausalLM, dtype: torch.dtype) -> int:
-    """(kv_lora_rank + qk_rope_head_dim) * num_hidden_layers * element size."""
-    return latent_width(model) * model.config.num_hidden_layers * torch.empty((), dtype=dtype).element_size()
+    """latent_dim (kv_lora_rank + qk_rope_head_dim) * num_hidden_layers * element size."""
+    return model.config.latent_dim * model.config.num_hidden_layers * torch.empty((), dtype=dtype).element_size()
 
 
 class ModelRunner:
     """Args:
-        num_blocks: blocks sequences may own. With `static_decode` the pool holds one more, the null block
-            that padding rows of a fixed-shape decode step write to.
-        static_decode: run pure-decode steps through `StaticDecoder` (fixed shapes); `compile` and
-            `cuda_graphs` are its options. Implied by either.
-        max_model_len: longest sequence, which sizes the static block tables.
+        config: a resolved `EngineConfig`. The pool holds `config.pool_blocks` blocks: the `num_blocks`
+            sequences may own and, with fixed-shape decoding, the null block its padding rows write to.
     """
 
-    def __init__(self, model: DeepseekForCausalLM, num_blocks: int, block_size: int,
-                 cache_dtype: torch.dtype | None = None, absorbed: bool = True, *, compile: bool = False,
-                 cuda_graphs: bool = False, static_decode: bool = False, max_num_seqs: int = 256,
-                 max_model_len: int | None = None) -> None:
+    def __init__(self, model: DeepseekForCausalLM, config: EngineConfig) -> None:
         self.model = model
-        self.block_size = block_size
-        self.absorbed = absorbed
+        self.config = config
+        self.block_size = config.block_size
+        self.absorbed = config.absorbed
         param = next(model.parameters())
         self.device = param.device
-        self.cache_dtype = cache_dtype or model.model.embed_tokens.weight.dtype
-        static_decode = static_decode or compile or cuda_graphs
+        self.cache_dtype = model.model.embed_tokens.weight.dtype
+        self.cache_bytes_per_token = cache_bytes_per_token(model, self.cache_dtype)
         L = model.config.num_hidden_layers
         # One tensor per layer, not views of one [L, ...] tensor: a compiled step mutating several aliased
         # inputs would copy the whole pool back at every layer (measured: 10x slower decode under compile).
-        self.kv_caches = [torch.zeros(num_blocks + static_decode, block_size, latent_width(model),
+        self.kv_caches = [torch.zeros(config.pool_blocks, config.block_size, model.config.latent_dim,
                                       dtype=self.cache_dtype, device=self.device) for _ in range(L)]
         self.num_forward_tokens = 0  # tokens pushed through the model, for prefix-sharing tests and stats
         self.num_prefill_tokens = 0  # of those, tokens that were not a decode step
-        self.static: StaticDecoder | None = None
-        if static_decode:
-            max_len = max_model_len or model.config.max_position_embeddings
-            self.static = StaticDecoder(
-                model, self.kv_caches, block_size, null_block=num_blocks, max_batch=min(max_num_seqs, 256),
-                max_blocks=-(-max_len // block_size), absorbed=absorbed, compile=compile, cuda_graphs=cuda_graphs,
-            )
+        self.static: StaticDecoder | None = StaticDecoder(model, self.kv_caches, config) \
+            if config.uses_static_decode else None
 
     @property
     def pool_bytes(self) -> int:

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 import torch
 
+from r1forge.engine.config import EngineConfig
 from r1forge.model import AttentionMetadata, DeepseekForCausalLM
 from r1forge.model.moe_static import graph_safe_dispatch, stack_expert_weights
 
@@ -51,26 +52,27 @@ class StaticDecoder:
     """Runs pure-decode steps (one new token per sequence) at bucketed shapes; see the module docstring.
 
     Args:
-        kv_caches: the pool, per layer [blocks, block_size, C+R]; block `null_block` is kept for padding rows.
-        max_batch: most sequences in one static step (larger steps run eagerly).
-        max_blocks: blocks of the longest sequence (max_model_len / block_size, rounded up).
-        compile: run the step through `torch.compile`.
-        cuda_graphs: capture each bucket's step as a CUDA graph and replay it (CUDA devices only).
+        kv_caches: the pool, per layer [blocks, block_size, C+R]; its last block, `config.num_blocks`, is the
+            null block that padding rows write to.
+        config: the resolved `EngineConfig`: buckets up to `max_num_seqs` sequences (at most 256; larger steps
+            run eagerly) and `max_model_len / block_size` blocks; `compile` and `cuda_graphs` choose how the
+            step runs (`torch.compile`, CUDA-graph capture and replay, or eagerly).
     """
 
-    def __init__(self, model: DeepseekForCausalLM, kv_caches: list[torch.Tensor], block_size: int, null_block: int,
-                 max_batch: int, max_blocks: int, absorbed: bool = True, compile: bool = False,
-                 cuda_graphs: bool = False) -> None:
+    def __init__(self, model: DeepseekForCausalLM, kv_caches: list[torch.Tensor], config: EngineConfig) -> None:
         device = kv_caches[0].device
-        if cuda_graphs and device.type != "cuda":
+        if config.cuda_graphs and device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device; the model is on {device}")
+        max_batch = min(config.max_num_seqs, 256)
+        max_blocks = -(-config.max_model_len // config.block_size)
+        compile = config.compile
         self.model = model
         self.device = device
         self.kv_caches = kv_caches
-        self.block_size = block_size
-        self.null_block = null_block
-        self.absorbed = absorbed
-        self.cuda_graphs = cuda_graphs
+        self.block_size = config.block_size
+        self.null_block = config.num_blocks
+        self.absorbed = config.absorbed
+        self.cuda_graphs = config.cuda_graphs
         self.batch_sizes = batch_buckets(max_batch)
         self.block_counts = block_buckets(max_blocks)
         self.moe_layers = model.moe_layers()
@@ -92,7 +94,7 @@ class StaticDecoder:
         self.context_lens = torch.ones(B, dtype=torch.long, device=device)
         self.step_fn = torch.compile(self.forward, dynamic=True) if compile else self.forward
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self.num_steps = 0
 
     def fits(self, num_seqs: int, num_blocks: int) -> bool:

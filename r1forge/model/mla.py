@@ -37,6 +37,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.qk_rope_head_dim = R = config.qk_rope_head_dim
         self.v_head_dim = config.v_head_dim
         self.qk_head_dim = config.qk_head_dim
+        self.latent_dim = config.latent_dim  # C + R per token: the cache row
         self.softmax_scale = config.softmax_scale
         self.rope_interleave = config.rope_interleave
         self.attn_impl = "naive"
@@ -140,7 +141,7 @@ class MultiHeadLatentAttention(nn.Module):
         """Write the new tokens' latents into the paged cache, then attend over each sequence's slots."""
         q_nope, q_rope = self.project_query(x, cos, sin)  # [N,H,Dn], [N,H,R]
         latent = self.project_latent(x, cos, sin)  # [N,C+R]
-        cache = metadata.kv_caches[self.layer_idx].view(-1, self.kv_lora_rank + self.qk_rope_head_dim)
+        cache = metadata.kv_caches[self.layer_idx].view(-1, self.latent_dim)
         cache.index_copy_(0, metadata.slot_mapping, latent.to(cache.dtype))
         kv = cache[metadata.kv_slots].to(x.dtype)  # [B,S,C+R]
         attend = self.absorbed_attention if metadata.absorbed else self.naive_attention

@@ -1,0 +1,98 @@
+"""`EngineConfig`: every knob of the inference engine in one object, resolved once against the model.
+
+`LLM` builds it from its keyword arguments (vLLM's names) and hands it whole to `LLMEngine`, which resolves it
+(context length clamped to the model's, pool size from a byte budget) and passes the resolved copy to the
+scheduler, the model runner and the fixed-shape decoder. Nothing downstream re-derives a knob.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+_CPU_DEFAULT_CACHE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Args:
+        max_num_seqs: sequences decoded together at most.
+        max_num_batched_tokens: token budget of one step (prefill chunks + decodes).
+        max_model_len: longest sequence (prompt + output); default and upper bound: the model's
+            `max_position_embeddings`.
+        block_size: tokens per cache block (64, FlashMLA's page size).
+        kv_cache_memory: bytes for the latent pool; default: what max_num_seqs full-length sequences need,
+            capped at 1 GiB on CPU or 90% of free memory on a GPU. Ignored when `num_blocks` is given.
+        num_blocks: cache blocks sequences may own (instead of a byte budget).
+        enable_prefix_caching: share the cached latents of identical prompt prefixes (hash per full block).
+        absorbed: weight-absorbed latent attention (True) or the naive expand-K/V path (False).
+        static_decode: run pure-decode steps at fixed, bucketed shapes (`StaticDecoder`); implied by
+            `cuda_graphs` and `compile`. Eager on its own: what the CPU tests of the graph path run.
+        cuda_graphs: capture fixed-shape decode steps as CUDA graphs and replay them. CUDA only.
+        compile: run fixed-shape decode steps through `torch.compile` (CPU and GPU).
+    """
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    max_model_len: int | None = None
+    block_size: int = 64
+    kv_cache_memory: int | None = None
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    absorbed: bool = True
+    static_decode: bool = False
+    cuda_graphs: bool = False
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            _check_positive_int(name, getattr(self, name))
+        for name in ("max_model_len", "kv_cache_memory", "num_blocks"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
+
+    def with_options(self, **options: Any) -> EngineConfig:
+        """This config with some fields changed; an unknown name is a TypeError naming it and the known ones."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return dataclasses.replace(self, **options) if options else self
+
+    @property
+    def uses_static_decode(self) -> bool:
+        return self.static_decode or self.cuda_graphs or self.compile
+
+    @property
+    def pool_blocks(self) -> int:
+        """Blocks in the pool tensors: `num_blocks`, plus the null block a fixed-shape step pads into."""
+        assert self.num_blocks is not None, "resolve the config against the model first"
+        return self.num_blocks + self.uses_static_decode
+
+    def resolve(self, model_max_len: int, cache_bytes_per_token: int, device: torch.device) -> EngineConfig:
+        """Clamp `max_model_len` to the model's and size the pool: the copy every engine part reads."""
+        max_len = min(self.max_model_len or model_max_len, model_max_len)
+        num_blocks = self.num_blocks
+        if num_blocks is None:
+            per_block = cache_bytes_per_token * self.block_size
+            budget = self.kv_cache_memory
+            if budget is None:
+                if device.type == "cuda":
+                    free, _ = torch.cuda.mem_get_info(device)
+                    cap = int(free * 0.9)
+                else:
+                    cap = _CPU_DEFAULT_CACHE_BYTES
+                budget = min(cap, self.max_num_seqs * (max_len + self.block_size) * cache_bytes_per_token)
+            # A fixed-shape decode step keeps one block of the budget for its padding rows.
+            num_blocks = int(budget // per_block) - self.uses_static_decode
+            if num_blocks < 1:
+                raise ValueError(f"kv_cache_memory={budget} bytes is less than one cache block ({per_block} bytes)")
+        return dataclasses.replace(self, max_model_len=max_len, num_blocks=num_blocks)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
