@@ -15,6 +15,7 @@ Deviations from the paper, on purpose:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import random
 import time
@@ -56,15 +57,17 @@ def _cat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
     L = max(b.completion_ids.shape[1] for b in batches)
     pad = lambda t, n, v=0: torch.nn.functional.pad(t, (0, n - t.shape[1]), value=v)  # noqa: E731
     first = batches[0]
-    return RolloutBatch(
-        torch.cat([pad(b.input_ids, T) for b in batches]), torch.cat([b.completion_start for b in batches]),
-        torch.cat([pad(b.completion_ids, L) for b in batches]), torch.cat([pad(b.completion_mask, L) for b in batches]),
-        torch.cat([pad(b.old_logprobs, L) for b in batches]), torch.cat([b.rewards for b in batches]),
-        {k: torch.cat([b.reward_components[k] for b in batches]) for k in first.reward_components},
-        torch.cat([b.truncated for b in batches]), sum((b.prompts for b in batches), []),
-        sum((b.completions for b in batches), []), sum((b.examples for b in batches), []), first.num_generations,
+    return dataclasses.replace(
+        first, input_ids=torch.cat([pad(b.input_ids, T) for b in batches]),
+        completion_start=torch.cat([b.completion_start for b in batches]),
+        completion_ids=torch.cat([pad(b.completion_ids, L) for b in batches]),
+        completion_mask=torch.cat([pad(b.completion_mask, L) for b in batches]),
+        old_logprobs=torch.cat([pad(b.old_logprobs, L) for b in batches]),
+        rewards=torch.cat([b.rewards for b in batches]),
+        reward_components={k: torch.cat([b.reward_components[k] for b in batches]) for k in first.reward_components},
+        truncated=torch.cat([b.truncated for b in batches]), prompts=sum((b.prompts for b in batches), []),
+        completions=sum((b.completions for b in batches), []), examples=sum((b.examples for b in batches), []),
     )
-
 
 class GRPOTrainer:
     """Trains `model` in place. `examples` are dicts with a "question" and whatever the rewards read ("answer")."""

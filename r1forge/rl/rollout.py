@@ -8,6 +8,7 @@ update. The sampled tokens' logprobs it reports are the sampling policy's (pi_ol
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,6 @@ class RolloutBatch:
     prompts: list[str]
     completions: list[str]
     examples: list[dict[str, Any]]  # the example of each completion (answer etc.), repeated G times
-    num_generations: int
 
     @property
     def num_completions(self) -> int:
@@ -41,13 +41,13 @@ class RolloutBatch:
         """Keep the completions where `keep` [N] is True (used by dynamic sampling, whole groups at a time)."""
         idx = keep.nonzero().squeeze(1)
         pick = lambda xs: [xs[i] for i in idx.tolist()]  # noqa: E731
-        return RolloutBatch(
-            self.input_ids[idx], self.completion_start[idx], self.completion_ids[idx], self.completion_mask[idx],
-            self.old_logprobs[idx], self.rewards[idx], {k: v[idx] for k, v in self.reward_components.items()},
-            self.truncated[idx], pick(self.prompts), pick(self.completions), pick(self.examples),
-            self.num_generations,
+        return dataclasses.replace(
+            self, input_ids=self.input_ids[idx], completion_start=self.completion_start[idx],
+            completion_ids=self.completion_ids[idx], completion_mask=self.completion_mask[idx],
+            old_logprobs=self.old_logprobs[idx], rewards=self.rewards[idx],
+            reward_components={k: v[idx] for k, v in self.reward_components.items()}, truncated=self.truncated[idx],
+            prompts=pick(self.prompts), completions=pick(self.completions), examples=pick(self.examples),
         )
-
 
 RewardFn = Callable[..., tuple[float, dict[str, float]]]
 
@@ -93,7 +93,6 @@ def generate_rollouts(llm: LLM, prompt_ids: list[list[int]], prompts: list[str],
         old_logprobs=old, rewards=torch.tensor(rewards, dtype=torch.float32),
         reward_components={k: torch.tensor(v, dtype=torch.float32) for k, v in comps.items()},
         truncated=torch.tensor([r[3] for r in rows]), prompts=prompt_rep, completions=texts, examples=ex_rep,
-        num_generations=num_generations,
     )
 
 
