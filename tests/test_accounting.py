@@ -11,7 +11,8 @@ import r1forge
 from r1forge import ModelConfig, count_parameters, kv_cache_bytes_per_token
 from r1forge.accounting import count_parameters_of
 from r1forge.cli import main
-from r1forge.commands.info import mtp_parameters, read_safetensors_header, summarize_checkpoint
+from r1forge.checkpoint.summary import summarize_checkpoint
+from r1forge.commands.info import mtp_parameters
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +141,18 @@ def test_info_checkpoint_reads_headers(tmp_path, capsys):
     assert summarize_checkpoint(bf16).bytes_by_dtype == {"BF16": 2 * stored}
 
 
+def test_checkpoint_summary_counts_fp8_bytes(tmp_path):
+    """Bytes per dtype come from the header's dtype and shape: one byte per e4m3 value, four per float32 scale."""
+    from safetensors.torch import save_file
+
+    w = torch.zeros(130, 4).to(torch.float8_e4m3fn)
+    save_file({"model.layers.7.mlp.down_proj.weight": w,
+               "model.layers.7.mlp.down_proj.weight_scale_inv": torch.ones(2, 1)}, str(tmp_path / "model.safetensors"))
+    summary = summarize_checkpoint(tmp_path)
+    assert summary.bytes_by_dtype == {"F8_E4M3": 520, "F32": 8} and summary.numel_by_dtype == {"F8_E4M3": 520, "F32": 2}
+    assert summary.files == 1 and summary.tensors == 2 and summary.layer_indices == {7}
+
+
 def test_info_reports_mtp_weights(tmp_path, capsys):
     torch.manual_seed(0)
     model = r1forge.build_model(ModelConfig.from_preset("tiny", num_hidden_layers=2), with_mtp=True)
@@ -152,11 +165,11 @@ def test_info_errors_name_the_file(tmp_path, capsys):
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
     path = make_hf_checkpoint(tmp_path / "ckpt")
-    bad = path / "model-extra.safetensors"
+    bad = path / "model.safetensors"  # the file the loader reads, truncated to garbage
     bad.write_bytes(b"\xff" * 64)
     assert main(["info", str(path)]) == 2
-    assert "model-extra.safetensors" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="model-extra.safetensors"):
-        read_safetensors_header(bad)
+    assert "model.safetensors" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="model.safetensors"):
+        summarize_checkpoint(path)
     with pytest.raises(SystemExit):
         main(["info"])  # neither a path nor --preset

@@ -7,6 +7,7 @@ truncated?" has an answer in the message.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,11 @@ from safetensors import SafetensorError, safe_open
 
 from r1forge.checkpoint.errors import CheckpointError
 from r1forge.checkpoint.keys import INDEX_FILE, SINGLE_FILE
+
+# Bits per element of every safetensors dtype name (the sub-byte float formats pack several per byte).
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6,
+              "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+              "I64": 64, "U64": 64, "F64": 64, "C64": 64}
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,17 @@ class TensorInfo:
     @property
     def is_fp8(self) -> bool:
         return self.dtype.startswith("F8_")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor's data in the file."""
+        if self.dtype not in DTYPE_BITS:
+            raise CheckpointError(f"{self.file}: unknown safetensors dtype {self.dtype!r}")
+        return -(-self.numel * DTYPE_BITS[self.dtype] // 8)
 
 
 def resolve_weight_files(path: str | Path) -> tuple[list[Path], dict[str, str] | None]:

@@ -3,8 +3,8 @@
 Prints the layer and expert layout, the attention shapes, total and per-token active parameters (MTP apart),
 and what MLA saves: KV-cache bytes per token against multi-head attention and GQA-8 of the same head shapes,
 and the cache for one long context. For a checkpoint directory it also reads the safetensors headers (a few
-KB per shard, never the tensors) to report the on-disk dtypes and size. Parameters are counted on the meta
-device: no weights are allocated, even for 671B.
+KB per shard, never the tensors: `r1forge.checkpoint.summary`) to report the on-disk dtypes and size.
+Parameters are counted on the meta device: no weights are allocated, even for 671B.
 
 Python use: `describe(config, checkpoint=summarize_checkpoint(path))` returns the same text.
 """
@@ -12,18 +12,13 @@ Python use: `describe(config, checkpoint=summarize_checkpoint(path))` returns th
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import struct
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from r1forge.accounting import count_parameters, kv_cache_bytes_per_token
+from r1forge.checkpoint.summary import CheckpointSummary, summarize_checkpoint
 from r1forge.config import ModelConfig
 
 CACHE_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
-MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit; a larger "length" means a corrupt or foreign file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,66 +44,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(describe(config, checkpoint, context=args.context, cache_dtype=args.cache_dtype, source=source))
     return 0
-
-
-# ---------------------------------------------------------------------------------------------- checkpoint
-@dataclass
-class CheckpointSummary:
-    """What the safetensors headers of a checkpoint directory say: files, bytes and values per dtype."""
-
-    files: int = 0
-    file_bytes: int = 0  # total size of the .safetensors files (headers included)
-    tensors: int = 0
-    numel_by_dtype: dict[str, int] = field(default_factory=dict)
-    bytes_by_dtype: dict[str, int] = field(default_factory=dict)
-    layer_indices: set[int] = field(default_factory=set)  # i of every model.layers.{i}.* key
-
-
-def read_safetensors_header(path: str | Path) -> dict[str, dict]:
-    """The JSON header of one .safetensors file: {tensor name: {"dtype", "shape", "data_offsets"}}.
-
-    Format: an 8-byte little-endian header length, then that many bytes of JSON; tensors follow and are not read.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > min(size - 8, MAX_HEADER_BYTES):
-            raise ValueError(f"{path}: not a safetensors file (header length {length} for a {size}-byte file)")
-        try:
-            header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
-    return header
-
-
-def summarize_checkpoint(directory: str | Path) -> CheckpointSummary:
-    """Sum the headers of every *.safetensors file in `directory` (no tensor data is read)."""
-    directory = Path(directory)
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {directory}")
-    out = CheckpointSummary(files=len(files))
-    for path in files:
-        out.file_bytes += path.stat().st_size
-        for name, info in read_safetensors_header(path).items():
-            try:
-                dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
-            out.tensors += 1
-            out.numel_by_dtype[dtype] = out.numel_by_dtype.get(dtype, 0) + math.prod(shape)
-            out.bytes_by_dtype[dtype] = out.bytes_by_dtype.get(dtype, 0) + end - begin
-            parts = name.split(".")
-            if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
-                out.layer_indices.add(int(parts[2]))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- report
