@@ -14,7 +14,7 @@ def count_parameters(config: ModelConfig, include_mtp: bool = False) -> tuple[in
     """(total, active per token) parameters of the main model (MTP excluded unless asked).
 
     Active = everything a token touches: embeddings and head, attention, dense FFNs, shared experts, the router,
-    and `num_experts_per_tok` routed experts per MoE layer (SPEC section 1: 671B total, ~37B active for V3).
+    and `num_experts_per_tok` routed experts per MoE layer (DeepSeek-V3 report section 4.2: 671B total, 37B active).
     Counted on the meta device from one block of each kind (dense, MoE, MTP) times how many the model has: the
     numbers of `count_parameters_of` on the whole model, in a fraction of a second instead of seconds for V3.
     """

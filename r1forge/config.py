@@ -22,7 +22,7 @@ ROPE_TYPES = ("default", "yarn")
 
 @dataclass
 class ModelConfig:
-    """DeepSeek-V3 style configuration (SPEC section 1). Defaults are DeepSeek-V3's."""
+    """DeepSeek-V3 style configuration (docs/design.md section 2). Defaults are DeepSeek-V3's."""
 
     model_type: str = "deepseek_v3"  # "deepseek_v3" or "deepseek_v2"; decides the transformers class we write for
     vocab_size: int = 129280  # tokens in the embedding and head
@@ -88,7 +88,7 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """(d_h + d_h^R)^-0.5, times mscale^2 under YaRN with mscale_all_dim (SPEC section 2)."""
+        """(d_h + d_h^R)^-0.5, times mscale^2 under YaRN with mscale_all_dim (docs/design.md section 3.5)."""
         scale = self.qk_head_dim**-0.5
         if self.rope_type == "yarn":
             factor = float(self.rope_scaling.get("factor", 1.0))

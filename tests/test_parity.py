@@ -1,5 +1,6 @@
 """Parity with Hugging Face transformers: checkpoints saved by transformers load in r1forge with the same logits,
-and checkpoints saved by r1forge load in transformers with the same logits (SPEC: "the reference checkpoints win").
+and checkpoints saved by r1forge load in transformers with the same logits (the reference checkpoints are the
+specification: where r1forge reads one differently, r1forge is wrong).
 
 Every weight is randomised (norms too, and the router's `e_score_correction_bias` buffer) so that a skipped
 norm, a wrong rope layout or a mis-read bias shows up as a logit difference, not as a coincidence of defaults.

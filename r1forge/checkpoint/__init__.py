@@ -5,7 +5,8 @@
     save_checkpoint(model, "out/", max_shard_size="5GB")
 
 Files: keys.py (names, the MTP layer rule), fp8.py (block-wise FP8), files.py (layout, index, headers),
-load.py, save.py, atomic.py (putting a finished directory in place).
+summary.py (what the headers say, for `r1forge info`), load.py, save.py, atomic.py (putting a finished directory
+in place). The layout and the FP8 format: docs/design.md section 6.
 """
 
 from r1forge.checkpoint.errors import CheckpointError

@@ -1,6 +1,6 @@
 """Names: model state-dict keys <-> checkpoint keys, the MTP layer rule, FP8 scale keys, weight file names.
 
-The model's `state_dict()` keys are the Hugging Face checkpoint's (SPEC section 5) except for the multi-token
+The model's `state_dict()` keys are the Hugging Face checkpoint's (docs/design.md section 6) except for the multi-token
 prediction modules: the model holds depth k at `model.mtp.{k}.X`, DeepSeek's checkpoints store it as an extra
 decoder layer `model.layers.{N + k}.X` with N = config.num_hidden_layers (61 for V3). That layer also carries
 copies of the main embedding and head (`embed_tokens.weight`, `shared_head.head.weight`), which the model

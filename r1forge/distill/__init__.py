@@ -1,4 +1,4 @@
-"""Distillation (SPEC section 6): a smaller dense student learns from a teacher's traces (SFT) or its token
+"""Distillation (DeepSeek-R1 section 2.4): a smaller dense student learns from a teacher's traces (SFT) or its token
 distributions (forward KL), and is compared with the teacher on held-out problems.
 
 - student.py: the student's config (the teacher's architecture without MoE layers, optionally smaller);

@@ -4,7 +4,7 @@
     from r1forge.train import load_run_config
     result = run_distill(load_run_config(DistillRunConfig, "configs/distill_tiny.yaml", ["--mode", "kl"]))
 
-The steps (SPEC section 6, "Distillation"):
+The steps (DeepSeek-R1 section 2.4, "Distillation"):
   1. load the teacher and its tokenizer; derive the student (dense by default, see student.py) or load it;
   2. greedy held-out accuracy of the teacher and of the untrained student (the "before");
   3. sequences: the teacher's own traces, N per prompt, only the correct ones by default (rejection sampling,

@@ -1,4 +1,5 @@
-"""Multi-head Latent Attention (DeepSeek-V2 paper section 2.1; SPEC section 2).
+"""Multi-head Latent Attention (DeepSeek-V2 paper section 2.1, eq. 9-19; DeepSeek-V3 report section 2.1.1, eq. 1-11;
+docs/design.md section 3).
 
 Keys and values are compressed into one latent c_kv (kv_lora_rank = C) per token plus one rope key k_rope (R)
 shared by all heads; only those C + R numbers are cached. Two paths compute the same function, chosen by
@@ -98,7 +99,7 @@ class MultiHeadLatentAttention(nn.Module):
     def absorbed_attention(
         self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """Same contract as naive_attention, computed in latent space (SPEC section 2, weight absorption).
+        """Same contract as naive_attention, computed in latent space (weight absorption, docs/design.md section 3.4).
 
         score_h = (W_UK_h^T q_nope_h) . c_kv + q_rope_h . k_rope ; out_h = W_UV_h (sum softmax(score_h) c_kv)
         All heads share one key/value, so heads fold into the query axis: one MQA over [C+R]-wide keys.

@@ -1,4 +1,5 @@
-"""DeepSeekMoE (SPEC section 3): fine-grained routed experts, shared experts, group-limited top-k routing.
+"""DeepSeekMoE (DeepSeek-V3 report, section 2.1.2; docs/design.md section 4): fine-grained routed experts, shared
+experts, group-limited top-k routing.
 
 y = sum_shared E_s(x) + sum_{i in topk} g_i E_i(x), g already scaled by routed_scaling_factor.
 
@@ -137,7 +138,7 @@ class DeepseekMoE(nn.Module):
         n_shared = config.n_shared_experts or 0
         self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * n_shared) if n_shared else None
         self.dispatch: ExpertDispatch = SortedDispatch()
-        self.aux_loss_alpha = 0.0  # sequence-wise balance loss weight (SPEC section 3); 0 disables it
+        self.aux_loss_alpha = 0.0  # sequence-wise balance loss weight (DeepSeek-V3 eq. 17); 0 disables it
         self.record_load = True
         self.tokens_per_expert: torch.Tensor | None = None  # [E] of the last forward, for the bias update
         self.aux_loss: torch.Tensor | None = None

@@ -1,6 +1,6 @@
 """The DeepSeek-V3 decoder: pre-norm blocks of MLA + (dense FFN | DeepSeekMoE), MTP modules, causal LM head.
 
-Module names are the Hugging Face checkpoint's, so `state_dict()` is the checkpoint (SPEC section 5); the
+Module names are the Hugging Face checkpoint's, so `state_dict()` is the checkpoint (docs/design.md section 6); the
 one exception is MTP, held at `model.mtp.{k}` and stored at `model.layers.{num_hidden_layers + k}` by
 `r1forge.checkpoint`.
 """
@@ -49,7 +49,7 @@ class SharedHead(nn.Module):
 
 
 class MTPModule(DecoderLayer):
-    """Multi-token prediction depth k (SPEC section 4): h' = Block(W_eh [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h_i)]).
+    """MTP depth k (DeepSeek-V3 report section 2.2, eq. 21-23): h' = Block(W_eh [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h_i)]).
 
     The concatenation order (embedding first) is the one DeepSeek's checkpoints are trained with (as read by
     vLLM and SGLang). Embedding and head are the main model's.

@@ -1,4 +1,4 @@
-"""Reinforcement learning for reasoning: GRPO (SPEC section 6)."""
+"""Reinforcement learning for reasoning: GRPO (docs/design.md section 7)."""
 
 from r1forge.rl.grpo_loss import (dynamic_sampling_filter, group_advantages, grpo_loss, per_token_kl,
                                   zero_std_group_fraction)

@@ -1,4 +1,4 @@
-"""GRPO options, named as TRL and verl users know them (SPEC section 6)."""
+"""GRPO options, named as TRL and verl users know them (docs/design.md section 7)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The GRPO objective as tensor functions (SPEC section 6): group advantages, the clipped surrogate with a k3 KL
-penalty, and the aggregation variants of GRPO, BNPO, Dr. GRPO and DAPO. The trainer owns everything else.
+"""The GRPO objective as tensor functions (DeepSeek-R1 eq. 1-3; docs/design.md section 7): group advantages, the
+clipped surrogate with a k3 KL penalty, and the aggregation variants of GRPO, BNPO, Dr. GRPO and DAPO. The trainer
+owns everything else.
 
 Shapes: N completions (prompts x G, grouped contiguously: rows g*G .. g*G+G-1 share a prompt), L the padded
 completion length; `mask` [N, L] is nonzero on real completion tokens. Conventions follow TRL's GRPOTrainer:

@@ -1,6 +1,6 @@
 """GRPO: reinforcement learning against rule-based rewards with group-relative advantages and no critic.
 
-Each step (SPEC section 6):
+Each step (docs/design.md section 7):
   1. sample G completions for each of P prompts from the current policy (engine, prefix-shared);
   2. score them; A_i = (r_i - mean_group) / std (scale_rewards), the same for every token of o_i;
   3. (DAPO) drop groups whose rewards are all equal and resample to refill; mask or punish over-long ones;

@@ -2,7 +2,7 @@
 packed into padded tensors for the GRPO loss.
 
 The engine wraps the very model being trained (no stale copy); its prefix cache is reset after every weight
-update. The sampled tokens' logprobs it reports are the sampling policy's (pi_old in SPEC section 6).
+update. The sampled tokens' logprobs it reports are the sampling policy's (pi_old in DeepSeek-R1 eq. 1).
 """
 
 from __future__ import annotations

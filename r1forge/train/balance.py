@@ -1,4 +1,5 @@
-"""Auxiliary-loss-free MoE load balancing (SPEC section 3) and expert-load statistics.
+"""Auxiliary-loss-free MoE load balancing (DeepSeek-V3 report section 2.1.2; docs/design.md section 4.3) and
+expert-load statistics.
 
 After each optimizer step, for every MoE layer and expert i:  b_i += gamma * sign(mean_load - load_i),
 where load_i is the number of tokens routed to expert i during the step (summed over its micro-batches) and

@@ -57,7 +57,7 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW beta2
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
-    bias_update_gamma: float = 1e-3  # auxiliary-loss-free balancing speed (SPEC 3); 0 disables the bias update
+    bias_update_gamma: float = 1e-3  # aux-loss-free balancing speed (DeepSeek-V3 2.1.2); 0 disables the bias update
     aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (DeepSeek-V3 used 1e-4); 0 disables it
     mtp_lambda: float = 0.3  # weight of the multi-token-prediction loss (V3: 0.3 early, 0.1 later)
     max_bad_steps: int = 5  # this many non-finite steps in a row stop the run (the last checkpoint is kept)

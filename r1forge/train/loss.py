@@ -5,7 +5,7 @@ datasets of `r1forge.data` produce them. With gradient accumulation every micro-
 is divided by the target count of the *whole step*, so the step's loss is the exact token mean whatever the
 micro-batch split (a padded SFT micro-batch with few assistant tokens weighs only what its tokens weigh).
 
-MTP (SPEC section 4; DeepSeek-V3 eq. 25): depth k predicts token i + k + 1 from position i, i.e. target
+MTP (DeepSeek-V3 eq. 24-25; docs/design.md section 5): depth k predicts token i + k + 1 from position i, i.e. target
 labels[i + k]; a target counts only where labels[i .. i + k] are all trained, so no prediction reaches across a
 document boundary or out of an assistant span. L_MTP = lambda / D * sum_k L_k.
 """

@@ -1,4 +1,5 @@
-"""Rule-based rewards for GRPO (SPEC section 6): `reward(prompt, completion, **example) -> float`, never raising."""
+"""Rule-based rewards for GRPO (DeepSeek-R1 section 2.2.2): `reward(prompt, completion, **example) -> float`,
+never raising."""
 
 from r1forge.rl.rewards.accuracy import accuracy_reward, answers_match, make_accuracy_reward
 from r1forge.rl.rewards.answers import extract_answer, extract_boxed, normalize_answer, parse_number
