@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from r1forge.rl.examples import train_and_held_out
-from r1forge.rl.grpo_run import GRPORunConfig, run_grpo
-from r1forge.rl.grpo_trainer import EvalResult
+from r1forge.rl.run import GRPORunConfig, run_grpo
+from r1forge.rl.trainer import EvalResult
 from r1forge.rl.rejection import write_json
 from r1forge.train.config import PretrainRunConfig, SFTRunConfig, config_from_dict
 
@@ -133,7 +133,7 @@ def _evaluate_checkpoint(model_dir: Path, examples: list[dict[str, Any]], max_to
     from r1forge.data import load_tokenizer
     from r1forge.engine import LLM
     from r1forge.loading import load_model
-    from r1forge.rl.grpo_trainer import evaluate
+    from r1forge.rl.trainer import evaluate
 
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, device="cpu")

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from r1forge import ModelConfig, build_model
 from r1forge.data import load_tokenizer, make_pretrain_corpus, train_tokenizer
 from r1forge.engine import LLM
-from r1forge.rl.grpo_config import GRPOConfig
-from r1forge.rl.grpo_run import GRPORunConfig, run_grpo
-from r1forge.rl.grpo_trainer import GRPOTrainer
+from r1forge.rl.config import GRPOConfig
+from r1forge.rl.run import GRPORunConfig, run_grpo
+from r1forge.rl.trainer import GRPOTrainer
 from r1forge.rl.rollout import completion_logprobs, generate_rollouts
 from r1forge.train import load_run_config
 from r1forge.train.checkpointing import CHECKPOINTS_DIR, latest_checkpoint
@@ -163,7 +163,7 @@ def test_grpo_run_refuses_bad_config(tmp_path: Path) -> None:
 
 def test_grpo_reads_prompt_files(tmp_path: Path) -> None:
     from r1forge.rl.examples import train_and_held_out
-    from r1forge.rl.grpo_run import GRPODataConfig
+    from r1forge.rl.run import GRPODataConfig
 
     good = tmp_path / "train.jsonl"
     good.write_text(json.dumps({"question": "Compute 2 + 3.", "answer": 5}) + "\n"

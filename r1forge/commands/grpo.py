@@ -1,7 +1,7 @@
 """`r1forge grpo CONFIG.yaml [--resume] [--grpo.beta 0.04 ...]`: GRPO from a YAML run config.
 
 Every config field can be overridden as a dotted option after the config file; `--print-config` shows the
-resolved config and exits. The work is `r1forge.rl.grpo_run.run_grpo`. Exit codes: 0 done, 2 bad input.
+resolved config and exits. The work is `r1forge.rl.run.run_grpo`. Exit codes: 0 done, 2 bad input.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from r1forge.rl.grpo_run import GRPORunConfig, run_grpo
+    from r1forge.rl.run import GRPORunConfig, run_grpo
     from r1forge.train.cli import resolve_run_config, run_with_errors
 
     def main() -> int:

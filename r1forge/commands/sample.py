@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
         from r1forge.rl.rejection import (load_policy, rejection_sample, sample_records, sampling_engine, write_json,
                                           write_sft_dataset)
-        from r1forge.train.runs import resolve_device
+        from r1forge.train.run import resolve_device
 
         if args.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")

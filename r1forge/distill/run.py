@@ -28,15 +28,15 @@ import torch
 from r1forge.accounting import count_parameters
 from r1forge.data import SFTDataset, make_problems, read_jsonl, sft_messages
 from r1forge.distill.config import DistillDataConfig, DistillRunConfig
-from r1forge.distill.kl import ForwardKLLoss
+from r1forge.distill.loss import ForwardKLLoss
 from r1forge.distill.student import build_student, dense_student_config
-from r1forge.rl.grpo_trainer import EvalResult, evaluate
+from r1forge.rl.trainer import EvalResult, evaluate
 from r1forge.rl.examples import train_and_held_out
 from r1forge.rl.rejection import load_policy, rejection_sample, sampling_engine, write_json, write_sft_dataset
 from r1forge.train.checkpointing import resolve_model_dir
 from r1forge.train.config import save_run_config
 from r1forge.train.data import make_loader
-from r1forge.train.runs import prepare_run_dir, resolve_device, seed_everything
+from r1forge.train.run import prepare_run_dir, resolve_device, seed_everything
 from r1forge.train.trainer import Trainer
 
 if TYPE_CHECKING:

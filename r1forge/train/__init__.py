@@ -8,7 +8,7 @@ Small modules with one job each, reused by GRPO and distillation:
 - loss.py: next-token CE + MTP + aux, exact token mean under gradient accumulation; held-out loss;
 - checkpointing.py: atomic training checkpoints (HF model dir + tokenizer + optimizer/scheduler/RNG/data state);
 - metrics.py: metrics.jsonl, TensorBoard, tqdm;
-- trainer.py: the loop; data.py and runs.py: from a run config to a finished run; plots.py: PNGs of a run.
+- trainer.py: the loop; data.py and run.py: from a run config to a finished run; plots.py: PNGs of a run.
 """
 
 from r1forge.train.balance import (
@@ -24,7 +24,7 @@ from r1forge.train.config import (
 from r1forge.train.guard import NonFiniteGuard
 from r1forge.train.loss import CausalLMLoss, LossOutput, TrainingLoss, evaluate_loss, mtp_labels
 from r1forge.train.metrics import MetricsLogger, Progress, read_metrics
-from r1forge.train.runs import run_pretrain, run_sft
+from r1forge.train.run import run_pretrain, run_sft
 from r1forge.train.schedule import build_optimizer, build_scheduler, warmup_cosine
 from r1forge.train.trainer import Trainer, TrainResult, enable_activation_checkpointing
 

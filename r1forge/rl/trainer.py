@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from r1forge.engine import LLM
-from r1forge.rl.grpo_config import GRPOConfig
+from r1forge.rl.config import GRPOConfig
 from r1forge.rl.grpo_loss import dynamic_sampling_filter, group_advantages, grpo_loss, zero_std_group_fraction
 from r1forge.rl.rewards import overlong_penalty
 from r1forge.rl.rollout import RolloutBatch, completion_logprobs, generate_rollouts

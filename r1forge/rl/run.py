@@ -1,6 +1,6 @@
 """`run_grpo`: a GRPO run config -> policy, prompts, rewards and a `GRPOTrainer`; what `r1forge grpo` calls.
 
-    from r1forge.rl.grpo_run import GRPORunConfig, run_grpo
+    from r1forge.rl.run import GRPORunConfig, run_grpo
     from r1forge.train import load_run_config
     result = run_grpo(load_run_config(GRPORunConfig, "configs/grpo_tiny.yaml", ["--grpo.steps", "20"]))
 
@@ -22,13 +22,13 @@ from typing import Any
 from r1forge.data import load_tokenizer
 from r1forge.data.synthetic import KINDS
 from r1forge.rl.examples import train_and_held_out
-from r1forge.rl.grpo_config import GRPOConfig
-from r1forge.rl.grpo_trainer import EvalResult, GRPOTrainer
+from r1forge.rl.config import GRPOConfig
+from r1forge.rl.trainer import EvalResult, GRPOTrainer
 from r1forge.rl.rewards import REWARD_STATS, combine_rewards
 from r1forge.train.checkpointing import CHECKPOINTS_DIR, resolve_model_dir, save_training_checkpoint
 from r1forge.train.config import ModelSection, save_run_config
 from r1forge.train.metrics import MetricsLogger, Progress
-from r1forge.train.runs import build_run_model, prepare_run_dir, resolve_device, seed_everything
+from r1forge.train.run import build_run_model, prepare_run_dir, resolve_device, seed_everything
 
 
 @dataclass
