@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from r1forge.rl.examples import train_and_held_out
-from r1forge.rl.run import GRPORunConfig, run_grpo
-from r1forge.rl.trainer import EvalResult
-from r1forge.rl.rejection import write_json
+from r1forge.rl.config import GRPORunConfig
+from r1forge.rl.run import run_grpo
+from r1forge.rl.evaluate import EvalResult
+from r1forge.data.jsonl import write_json
 from r1forge.train.config import PretrainRunConfig, SFTRunConfig, config_from_dict
 
 DONE_FILE = "DONE.json"
@@ -133,7 +134,7 @@ def _evaluate_checkpoint(model_dir: Path, examples: list[dict[str, Any]], max_to
     from r1forge.data import load_tokenizer
     from r1forge.engine import LLM
     from r1forge.loading import load_model
-    from r1forge.rl.trainer import evaluate
+    from r1forge.rl.evaluate import evaluate
 
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, device="cpu")

@@ -18,7 +18,7 @@ from r1forge import ModelConfig, build_model
 from r1forge.distill import (DistillRunConfig, ForwardKLLoss, build_student, dense_student_config, forward_kl,
                              run_distill)
 from r1forge.model import DeepseekMoE
-from r1forge.rl.rejection import write_sft_dataset
+from r1forge.data.jsonl import write_jsonl
 from r1forge.rl.rewards import accuracy_reward
 from r1forge.train import load_run_config
 from test_rejection import _one_thread, copy_examples, tiny_teacher  # noqa: F401 (autouse fixture)
@@ -119,8 +119,8 @@ def test_forward_kl_loss_is_the_token_mean_over_the_step() -> None:
 
 def _config(teacher_dir: Path, tmp_path: Path, *overrides: str) -> DistillRunConfig:
     prompts, held_out = tmp_path / "prompts.jsonl", tmp_path / "held_out.jsonl"
-    write_sft_dataset(prompts, copy_examples(200, 3, held_out=False))
-    write_sft_dataset(held_out, copy_examples(100, 1, held_out=True))
+    write_jsonl(prompts, copy_examples(200, 3, held_out=False))
+    write_jsonl(held_out, copy_examples(100, 1, held_out=True))
     return load_run_config(DistillRunConfig, None, [
         "--teacher", str(teacher_dir), "--run_dir", str(tmp_path / "run"), "--data.files", str(prompts),
         "--data.eval_files", str(held_out), "--data.samples_per_prompt", "1", "--data.temperature", "0",

@@ -10,7 +10,7 @@ import pytest
 from r1forge.data import make_problems
 from r1forge.distill.config import DistillDataConfig
 from r1forge.rl.examples import read_examples, reward_example, train_and_held_out
-from r1forge.rl.run import GRPODataConfig
+from r1forge.rl.config import GRPODataConfig
 
 
 def test_generated_examples_hold_question_answer_and_no_prompt():

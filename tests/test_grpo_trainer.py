@@ -13,7 +13,8 @@ from r1forge import ModelConfig, build_model
 from r1forge.data import load_tokenizer, make_pretrain_corpus, train_tokenizer
 from r1forge.engine import LLM
 from r1forge.rl.config import GRPOConfig
-from r1forge.rl.run import GRPORunConfig, run_grpo
+from r1forge.rl.config import GRPORunConfig
+from r1forge.rl.run import run_grpo
 from r1forge.rl.trainer import GRPOTrainer
 from r1forge.rl.rollout import completion_logprobs, generate_rollouts
 from r1forge.train import load_run_config
@@ -163,7 +164,7 @@ def test_grpo_run_refuses_bad_config(tmp_path: Path) -> None:
 
 def test_grpo_reads_prompt_files(tmp_path: Path) -> None:
     from r1forge.rl.examples import train_and_held_out
-    from r1forge.rl.run import GRPODataConfig
+    from r1forge.rl.config import GRPODataConfig
 
     good = tmp_path / "train.jsonl"
     good.write_text(json.dumps({"question": "Compute 2 + 3.", "answer": 5}) + "\n"

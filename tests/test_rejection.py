@@ -22,7 +22,8 @@ from r1forge import ModelConfig, build_model
 from r1forge.data import SFTDataset, StatefulLoader, load_tokenizer, read_jsonl, train_tokenizer
 from r1forge.engine import LLM
 from r1forge.rl.examples import read_examples
-from r1forge.rl.rejection import ScoredSample, assistant_prefix, rejection_sample, select_samples, write_sft_dataset
+from r1forge.data.jsonl import write_jsonl
+from r1forge.rl.rejection import ScoredSample, assistant_prefix, rejection_sample, select_samples
 from r1forge.rl.rewards import accuracy_reward, format_reward
 from r1forge.train import LogConfig, Trainer, TrainConfig, latest_checkpoint
 
@@ -130,7 +131,7 @@ def test_rejection_sampling_keeps_only_correct_samples(teacher_dir: Path, tmp_pa
     assert stats.prompts_with_kept == sum(any(row) for row in result.kept_mask)
 
     path = tmp_path / "data" / "rs.jsonl"
-    assert write_sft_dataset(path, result.records) == stats.kept
+    assert write_jsonl(path, result.records) == stats.kept
     assert [p.name for p in path.parent.iterdir()] == ["rs.jsonl"]  # no temporary file left behind
     written, skipped = read_jsonl(path, validate_chat_record)
     assert skipped == 0 and written == result.records

@@ -55,7 +55,7 @@ def chat_turn(llm, messages: list[dict], params, thinking: bool, out: TextIO | N
 
 
 def run(args: argparse.Namespace) -> int:
-    from r1forge.train.cli import run_with_errors
+    from r1forge.commands.errors import run_with_errors
 
     return run_with_errors(lambda: _run(args))
 

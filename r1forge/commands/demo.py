@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from r1forge.demo import run_demo
-    from r1forge.train.cli import run_with_errors
+    from r1forge.commands.errors import run_with_errors
 
     def main() -> int:
         run_demo(args.out, grpo_steps=args.grpo_steps)

@@ -12,7 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from r1forge.train.cli import run_with_errors
+    from r1forge.commands.errors import run_with_errors
     from r1forge.train.metrics import read_metrics
     from r1forge.train.plots import plot_run
 

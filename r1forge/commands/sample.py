@@ -41,38 +41,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def examples_from_args(args: argparse.Namespace) -> list[dict]:
-    """The prompts: a JSONL file, or built-in problems of the chosen split and difficulty."""
-    from r1forge.data import make_problems
-    from r1forge.rl.examples import read_examples, reward_example
+    """The prompts: a JSONL file, or built-in problems of the chosen split and difficulty (the same problem
+    source the run configs' `data:` sections describe; errors name its keys)."""
+    from r1forge.rl.examples import problem_examples, read_examples
+    from r1forge.train.config import ProblemSource
 
     if args.prompts:
         return read_examples(args.prompts)
     if args.problems <= 0:
         raise ValueError(f"--problems must be positive, got {args.problems}")
-    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    problems = make_problems(args.problems, args.seed, args.split, args.min_steps, args.max_steps, args.max_operand,
-                             kinds)
-    return [reward_example(p) for p in problems]
+    source = ProblemSource(min_steps=args.min_steps, max_steps=args.max_steps, max_operand=args.max_operand,
+                           kinds=[k.strip() for k in args.kinds.split(",") if k.strip()])
+    source.validate(prefix="")  # errors name the field: --max-steps is max_steps
+    return problem_examples(args.problems, args.seed, args.split, source)
 
 
 def run(args: argparse.Namespace) -> int:
-    from r1forge.train.cli import run_with_errors
+    from r1forge.commands.errors import run_with_errors
 
     def main() -> int:
         import json
         import sys
         from pathlib import Path
 
-        from r1forge.rl.rejection import (load_policy, rejection_sample, sample_records, sampling_engine, write_json,
-                                          write_sft_dataset)
-        from r1forge.train.run import resolve_device
+        from r1forge.data.jsonl import write_json, write_jsonl
+        from r1forge.rl.policy import load_policy, sampling_engine
+        from r1forge.rl.rejection import rejection_sample, sample_records
+        from r1forge.train.prologue import resolve_device
 
         if args.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
         if args.max_tokens < 1:
             raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
         examples = examples_from_args(args)
-        model, tokenizer, model_dir = load_policy(args.model, resolve_device(args.device), key="MODEL")
+        model, tokenizer, model_dir = load_policy(args.model, resolve_device(args.device, "--device"), key="MODEL")
         llm = sampling_engine(model, tokenizer, examples, args.template, args.max_tokens,
                           len(examples) * args.num_samples)
         result = rejection_sample(llm, tokenizer, examples, args.num_samples, template=args.template,
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                                   dedupe=not args.keep_duplicates, max_per_prompt=args.max_per_prompt)
         records = result.records if args.rejection else sample_records(result, examples)
         output = Path(args.output)
-        count = write_sft_dataset(output, records)
+        count = write_jsonl(output, records)
         stats = {"model": str(model_dir), "rejection": args.rejection, **result.stats.to_dict()}
         write_json(output.with_name(output.stem + ".stats.json"), stats)
         print(f"{model_dir}: {result.stats.summary()}")

@@ -49,7 +49,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 def run(args: argparse.Namespace) -> int:
     from r1forge.serve import build_engine, serve
-    from r1forge.train.cli import run_with_errors
+    from r1forge.commands.errors import run_with_errors
 
     def start() -> int:
         config = server_config(args)

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from r1forge.train.cli import run_with_errors
+    from r1forge.commands.errors import run_with_errors
 
     def main() -> int:
         from r1forge.data import load_tokenizer, make_pretrain_corpus, train_tokenizer

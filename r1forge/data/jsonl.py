@@ -1,4 +1,5 @@
-"""JSONL reading with errors that name file and line, record validators for pretraining and chat data.
+"""JSONL reading with errors that name file and line, record validators for pretraining and chat data, and the
+atomic writers every dataset, report and cache marker goes through.
 
 A malformed line (invalid JSON, not an object, a missing key, a value of the wrong type) raises `DataError`
 with `path:line: what is wrong`, or, with `skip_malformed=True`, is skipped and counted so a large scraped file
@@ -9,9 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+from r1forge.checkpoint.atomic import new_file_mode
 
 ROLES = ("system", "user", "assistant", "tool")
 Validator = Callable[[dict[str, Any]], None]
@@ -134,10 +138,46 @@ def read_jsonl(path: str | os.PathLike, validate: Validator | None = None,
     return records, reader.num_skipped
 
 
-def write_jsonl(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
-    """One JSON object per line, UTF-8 kept readable (no \\u escapes)."""
+def _write_atomically(path: str | os.PathLike, write: Callable[[TextIO], None]) -> None:
+    """Write a file through `write(f)` into a temp file beside it, fsync, then rename over `path`: a reader (or
+    a later `r1forge sft`) sees the old file or the whole new one, never half of it, even if the run is killed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, new_file_mode(path.parent))  # mkstemp makes it 0600; give it what open() would
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
+    """One JSON object per line (UTF-8 kept readable, no \\u escapes), written atomically; the record count."""
+    count = 0
+
+    def write(f: TextIO) -> None:
+        nonlocal count
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+
+    _write_atomically(path, write)
+    return count
+
+
+def append_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
+    """Append records to a log (sample completions): a log grows while the run writes it, so it is not atomic;
+    a torn last line after a kill is what `read_metrics`-style readers skip."""
+    with open(path, "a", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def write_json(path: str | os.PathLike, obj: dict[str, Any]) -> None:
+    """A small JSON file (a report, statistics, a stage's DONE marker), written atomically like the datasets."""
+    _write_atomically(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"))

@@ -29,6 +29,7 @@ from typing import Any
 
 TEST_MODULUS = 10  # one problem in TEST_MODULUS belongs to the test split
 MAX_RESULT = 999
+MAX_STEPS = 10  # longest solution make_problems builds
 
 NAMES = ("Tom", "Mia", "Sam", "Lily", "Ben", "Emma", "Max", "Zoe", "Leo", "Ava", "Noah", "Ella", "Jack", "Ruby",
          "Omar", "Nina", "Ivan", "Sara", "Kai", "Lena")
@@ -228,8 +229,8 @@ def make_problems(n: int, seed: int, split: str = "train", min_steps: int = 1, m
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if not 1 <= min_steps <= max_steps <= 10:
-        raise ValueError(f"need 1 <= min_steps <= max_steps <= 10, got min_steps={min_steps}, max_steps={max_steps}")
+    if not 1 <= min_steps <= max_steps <= MAX_STEPS:
+        raise ValueError(f"need 1 <= min_steps <= max_steps <= {MAX_STEPS}, got min_steps={min_steps}, max_steps={max_steps}")
     if not 2 <= max_operand <= MAX_RESULT:
         raise ValueError(f"max_operand must be in [2, {MAX_RESULT}], got {max_operand}")
     unknown = set(kinds) - set(KINDS)
@@ -321,7 +322,7 @@ def _english_paragraph(rng: random.Random) -> str:
 
 
 def make_pretrain_corpus(n_docs: int, seed: int, problem_fraction: float = 0.7, min_steps: int = 1,
-                         max_steps: int = 3, max_operand: int = 99) -> list[str]:
+                         max_steps: int = 3, max_operand: int = 99, kinds: tuple[str, ...] = KINDS) -> list[str]:
     """Documents for tokenizer training and pretraining: worked train-split problems and templated English.
 
     A problem document holds one to three worked problems (`pretrain_text`), an English one two to six simple
@@ -331,6 +332,6 @@ def make_pretrain_corpus(n_docs: int, seed: int, problem_fraction: float = 0.7, 
         raise ValueError(f"problem_fraction must be in [0, 1], got {problem_fraction}")
     rng = random.Random(f"r1forge-corpus:{seed}")
     counts = [rng.randint(1, 3) if rng.random() < problem_fraction else 0 for _ in range(n_docs)]
-    problems = iter(make_problems(sum(counts), seed, "train", min_steps, max_steps, max_operand))
+    problems = iter(make_problems(sum(counts), seed, "train", min_steps, max_steps, max_operand, kinds))
     return ["\n\n".join(pretrain_text(next(problems)) for _ in range(c)) if c else _english_paragraph(rng)
             for c in counts]

@@ -8,8 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from r1forge.data.synthetic import KINDS
-from r1forge.train.config import LogConfig, TrainConfig
+from r1forge.train.config import LogConfig, ProblemSet, TrainConfig
 
 MODES = ("sft", "kl")
 SEQUENCES = ("teacher", "dataset")
@@ -40,17 +39,11 @@ class StudentSection:
 
 
 @dataclass
-class DistillDataConfig:
-    """Prompts to collect teacher traces on, the sequences to distil on, the held-out problems."""
+class DistillDataConfig(ProblemSet):
+    """Prompts to collect teacher traces on, the sequences to distil on, the held-out problems. `files` are JSONL
+    prompts {"question", "answer"} (chat records when sequences is "dataset"); held-out: `eval_files` of
+    {"question", "answer"}, else test-split problems."""
 
-    files: list[str] = field(default_factory=list)  # JSONL prompts {"question","answer"} (chat records if "dataset")
-    eval_files: list[str] = field(default_factory=list)  # held-out {"question","answer"} JSONL; empty: test split
-    synthetic_problems: int = 1000  # built-in train-split prompts (when files is empty)
-    synthetic_eval_problems: int = 200  # built-in test-split problems to evaluate on (when eval_files is empty)
-    min_steps: int = 1  # built-in problems: fewest solution steps
-    max_steps: int = 3  # built-in problems: most solution steps
-    max_operand: int = 99  # built-in problems: largest operand
-    kinds: list[str] = field(default_factory=lambda: list(KINDS))  # built-in problem kinds
     template: str = "chat"  # prompt template: "chat" (R1's, opens <think>) or "r1-zero"
     sequences: str = "teacher"  # what to train on: "teacher" traces sampled here, or "dataset" conversations (kl mode)
     samples_per_prompt: int = 4  # teacher samples per prompt
@@ -62,15 +55,10 @@ class DistillDataConfig:
     max_len: int = 256  # longest training conversation in tokens
 
     def validate(self, prefix: str = "data") -> None:
-        for key in ("synthetic_problems", "synthetic_eval_problems", "samples_per_prompt", "max_tokens", "max_len"):
+        super().validate(prefix)
+        for key in ("samples_per_prompt", "max_tokens", "max_len"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{prefix}.{key} must be positive, got {getattr(self, key)}")
-        if not 1 <= self.min_steps <= self.max_steps:
-            raise ValueError(f"{prefix}.min_steps/max_steps: need 1 <= min_steps <= max_steps, got "
-                             f"{self.min_steps}, {self.max_steps}")
-        unknown = set(self.kinds) - set(KINDS)
-        if unknown or not self.kinds:
-            raise ValueError(f"{prefix}.kinds must be a non-empty subset of {list(KINDS)}, got {self.kinds}")
         if self.template not in TEMPLATES:
             raise ValueError(f"{prefix}.template must be one of {TEMPLATES}, got {self.template!r}")
         if self.sequences not in SEQUENCES:
@@ -110,7 +98,7 @@ class DistillRunConfig:
     teacher: str | None = None  # the teacher's checkpoint or run directory (with its tokenizer); required
     mode: str = "sft"  # "sft": train on teacher traces; "kl": match the teacher's token distributions (forward KL)
     student: StudentSection = field(default_factory=StudentSection)  # the student's shape or init
-    data: DistillDataConfig = field(default_factory=DistillDataConfig)  # prompts, traces, held-out problems
+    data: DistillDataConfig = field(default_factory=lambda: DistillDataConfig(synthetic_problems=1000))  # prompts
     kl: KLConfig = field(default_factory=KLConfig)  # forward-KL settings (mode: kl)
     train: TrainConfig = field(default_factory=_distill_train)  # the student's optimisation
     log: LogConfig = field(default_factory=lambda: LogConfig(eval_every=0, save_every=100))  # logging, checkpoints

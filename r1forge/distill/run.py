@@ -26,17 +26,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from r1forge.accounting import count_parameters
-from r1forge.data import SFTDataset, make_problems, read_jsonl, sft_messages
+from r1forge.data import SFTDataset, read_jsonl, sft_messages
+from r1forge.data.jsonl import write_json, write_jsonl
 from r1forge.distill.config import DistillDataConfig, DistillRunConfig
 from r1forge.distill.loss import ForwardKLLoss
 from r1forge.distill.student import build_student, dense_student_config
-from r1forge.rl.trainer import EvalResult, evaluate
+from r1forge.rl.evaluate import EvalResult, evaluate
 from r1forge.rl.examples import train_and_held_out
-from r1forge.rl.rejection import load_policy, rejection_sample, sampling_engine, write_json, write_sft_dataset
+from r1forge.rl.policy import load_policy, sampling_engine
+from r1forge.rl.rejection import rejection_sample
 from r1forge.train.checkpointing import resolve_model_dir
-from r1forge.train.config import save_run_config
 from r1forge.train.data import make_loader
-from r1forge.train.run import prepare_run_dir, resolve_device, seed_everything
+from r1forge.train.prologue import start_run
 from r1forge.train.trainer import Trainer
 
 if TYPE_CHECKING:
@@ -64,9 +65,7 @@ def dataset_conversations(cfg: DistillDataConfig, seed: int) -> list[dict[str, A
 
     if cfg.files:
         return [r for path in cfg.files for r in read_jsonl(path, validate_chat_record)[0]]
-    return [{"messages": sft_messages(p)} for p in make_problems(cfg.synthetic_problems, seed, "train",
-                                                                 cfg.min_steps, cfg.max_steps, cfg.max_operand,
-                                                                 tuple(cfg.kinds))]
+    return [{"messages": sft_messages(p)} for p in cfg.problems(cfg.synthetic_problems, seed, "train")]
 
 
 def teacher_traces(llm: LLM, tokenizer: Any, examples: list[dict[str, Any]], cfg: DistillDataConfig,
@@ -77,13 +76,6 @@ def teacher_traces(llm: LLM, tokenizer: Any, examples: list[dict[str, Any]], cfg
                               require_correct=cfg.only_correct, require_format=cfg.only_correct,
                               max_per_prompt=cfg.max_per_prompt)
     return result.records, result.stats.to_dict()
-
-
-def _eval_dict(result: EvalResult | None) -> dict[str, float] | None:
-    if result is None:
-        return None
-    return {"accuracy": result.accuracy, "stderr": result.stderr, "format_rate": result.format_rate,
-            "mean_length": result.mean_length, "num_problems": result.num_problems}
 
 
 def _params(model: torch.nn.Module) -> dict[str, int]:
@@ -114,11 +106,8 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     """Distil `cfg.teacher` into a student as `cfg` says (see the module docstring)."""
     if cfg.teacher is None:
         raise ValueError("teacher: required (a checkpoint or run directory with a tokenizer)")
-    run_dir = Path(cfg.run_dir)
-    checkpoint = prepare_run_dir(run_dir, resume)
-    save_run_config(cfg, run_dir / ("config.yaml" if checkpoint is None else "config.resumed.yaml"))
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.train.device)
+    start = start_run(cfg, resume, device=cfg.train.device, device_key="train.device")
+    run_dir, checkpoint, device = start.run_dir, start.checkpoint, start.device
     teacher, tokenizer, teacher_dir = load_policy(cfg.teacher, device, key="teacher")
     student = make_student(cfg, teacher, device)
     train_examples, held_out = train_and_held_out(cfg.data, cfg.seed)
@@ -143,7 +132,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
         print(f"resumed: {len(records)} teacher traces from {traces_path}")
     else:
         records, trace_stats = teacher_traces(teacher_llm, tokenizer, train_examples, data, cfg.seed)
-        write_sft_dataset(traces_path, records)
+        write_jsonl(traces_path, records)
         print(f"teacher traces: {len(records)} of {trace_stats['total']} samples kept "
               f"(pass@1 {trace_stats['pass_at_1']:.3f}) -> {traces_path}")
     del teacher_llm
@@ -156,7 +145,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     before_path = run_dir / _BEFORE_FILE
     if checkpoint is None:
         before = evaluate(student_llm, tokenizer, held_out, data.template, data.max_tokens)
-        write_json(before_path, {"student_before": _eval_dict(before), "traces": trace_stats})
+        write_json(before_path, {"student_before": before.to_dict(), "traces": trace_stats})
         print(f"student before: accuracy {before.accuracy:.3f} +- {before.stderr:.3f}")
     saved = json.loads(before_path.read_text()) if before_path.is_file() else {}
 
@@ -178,8 +167,9 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     student_llm.reset_prefix_cache()
     after = evaluate(student_llm, tokenizer, held_out, data.template, data.max_tokens)
     report = {"mode": cfg.mode, "status": result.status, "step": result.step, "teacher_dir": str(teacher_dir),
-              "teacher": _eval_dict(teacher_eval), "student_before": _eval_dict(before) or saved.get("student_before"),
-              "student_after": _eval_dict(after), "num_sequences": len(records),
+              "teacher": teacher_eval.to_dict(),
+              "student_before": before.to_dict() if before else saved.get("student_before"),
+              "student_after": after.to_dict(), "num_sequences": len(records),
               "traces": trace_stats or saved.get("traces"), "teacher_params": teacher_params,
               "student_params": _params(student), "student_config": dataclasses.asdict(student.config),
               "checkpoint": str(result.checkpoint) if result.checkpoint else None}

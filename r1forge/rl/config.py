@@ -1,10 +1,17 @@
-"""GRPO options, named as TRL and verl users know them (docs/design.md section 7)."""
+"""`r1forge grpo`'s run config: the algorithm's options (`GRPOConfig`, named as TRL and verl users know them,
+docs/design.md section 7), the prompts, the rewards and what is logged (loaded by r1forge.train.config's machinery).
+
+    cfg = load_run_config(GRPORunConfig, "configs/grpo_tiny.yaml", ["--grpo.steps", "20"])
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from r1forge.rl.grpo_loss import LOSS_TYPES, SCALE_REWARDS
+from r1forge.rl.rewards import combine_rewards
+from r1forge.train.config import ModelSection, ProblemSet
+
 TEMPLATES = ("r1-zero", "chat")
 
 
@@ -91,3 +98,45 @@ class GRPOConfig:
             if step >= at:
                 length = value
         return length
+
+
+@dataclass
+class GRPODataConfig(ProblemSet):
+    """Prompts with verifiable answers: `files` are JSONL of {"question": ..., "answer": ...} (or chat records with
+    an "answer"); empty: built-in train-split problems. Held-out: `eval_files`, else test-split problems."""
+
+
+@dataclass
+class GRPOLogConfig:
+    """What is written where, and how often."""
+
+    save_every: int = 0  # steps between checkpoints; 0 saves only at the end
+    keep_last: int = 2  # checkpoints kept (older ones are deleted); 0 keeps all
+    eval_every: int = 0  # steps between held-out evaluations; 0 only before and after
+    eval_problems: int = 500  # held-out problems per evaluation (greedy decoding)
+    eval_before: bool = True  # evaluate the initial policy too (the "before" of the before/after table)
+    tensorboard: bool = True  # also write TensorBoard events to RUN_DIR/tb
+    progress: bool = True  # tqdm progress bar on stderr
+    plots: bool = True  # write RUN_DIR/plots/*.png at the end
+
+    def validate(self, prefix: str = "log") -> None:
+        for key in ("save_every", "keep_last", "eval_every", "eval_problems"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
+class GRPORunConfig:
+    """`r1forge grpo CONFIG.yaml`."""
+
+    run_dir: str = "runs/grpo"  # metrics.jsonl, completions.jsonl, tb/, plots/, checkpoints/
+    seed: int = 0  # seeds every RNG, the prompt order and the rollout sampling
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", ...
+    model: ModelSection = field(default_factory=lambda: ModelSection(mtp=False))  # init_from: the policy to train
+    data: GRPODataConfig = field(default_factory=lambda: GRPODataConfig(synthetic_eval_problems=500))  # prompts
+    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.2})  # name -> weight
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # the algorithm
+    log: GRPOLogConfig = field(default_factory=GRPOLogConfig)  # logging, evaluation, checkpoints
+
+    def validate(self, prefix: str = "") -> None:
+        combine_rewards(self.rewards)  # names every unknown reward / bad weight

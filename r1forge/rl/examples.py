@@ -9,25 +9,13 @@ its template (`r1forge.rl.templates`).
 from __future__ import annotations
 
 import os
-from typing import Any, Protocol
+from typing import Any
 
 from r1forge.data.jsonl import DataError, iter_jsonl
-from r1forge.data.synthetic import Problem, make_problems, rl_example
+from r1forge.data.synthetic import Problem, rl_example
+from r1forge.train.config import ProblemSet, ProblemSource
 
 HELD_OUT_SEED_OFFSET = 7919  # held-out problems use another seed as well as the test split
-
-
-class ExampleSource(Protocol):
-    """The data section of the GRPO and distillation configs: files, or the generator's settings."""
-
-    files: list[str]
-    eval_files: list[str]
-    synthetic_problems: int
-    synthetic_eval_problems: int
-    min_steps: int
-    max_steps: int
-    max_operand: int
-    kinds: list[str]
 
 
 def reward_example(problem: Problem) -> dict[str, Any]:
@@ -56,14 +44,12 @@ def read_examples(path: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
-def problem_examples(count: int, seed: int, split: str, source: ExampleSource) -> list[dict[str, Any]]:
+def problem_examples(count: int, seed: int, split: str, source: ProblemSource) -> list[dict[str, Any]]:
     """`count` built-in problems of `split` at the source's difficulty."""
-    problems = make_problems(count, seed, split, source.min_steps, source.max_steps, source.max_operand,
-                             tuple(source.kinds))
-    return [reward_example(p) for p in problems]
+    return [reward_example(p) for p in source.problems(count, seed, split)]
 
 
-def train_and_held_out(source: ExampleSource, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def train_and_held_out(source: ProblemSet, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(training examples, held-out examples): from `files` / `eval_files` where given, else generated from the
     train and test splits (which never share a problem)."""
     if source.files:

@@ -1,9 +1,9 @@
 """Rejection sampling (DeepSeek-R1's third stage): N samples per prompt, keep only the correct ones as SFT data.
 
-    model, tokenizer, _ = load_policy("runs/grpo-tiny")                     # a run or checkpoint directory
+    model, tokenizer, _ = load_policy("runs/grpo-tiny")                     # r1forge.rl.policy: a run or checkpoint
     llm = sampling_engine(model, tokenizer, examples, "chat", max_tokens=256, max_num_seqs=256)
     result = rejection_sample(llm, tokenizer, examples, num_samples=8)      # examples: {"question", "answer"}
-    write_sft_dataset("data/rs.jsonl", result.records)                      # then `r1forge sft --data.files ...`
+    write_jsonl("data/rs.jsonl", result.records)                            # then `r1forge sft --data.files ...`
 
 Why the filters: R1 kept only samples whose final answer checks out against the reference *and* that read well,
 because SFT on them teaches whatever they contain. Here a sample is kept when
@@ -23,12 +23,7 @@ tokenization, which hot sampling produces now and then, is learnt in the canonic
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from r1forge.engine import LLM, SamplingParams
@@ -243,62 +238,3 @@ def sample_records(result: RejectionResult, examples: list[dict[str, Any]]) -> l
             record.update(correct=s.correct, formatted=s.formatted, finish_reason=s.finish_reason, kept=kept)
             out.append(record)
     return out
-
-
-def load_policy(path: str | os.PathLike, device: Any = "cpu", key: str = "model") -> tuple[Any, Any, Path]:
-    """(model, its tokenizer, its directory) from a checkpoint or run directory (its newest checkpoint).
-
-    `key` names the path in errors (the config key or argument it came from).
-    """
-    from r1forge.data import load_tokenizer
-    from r1forge.loading import load_model
-    from r1forge.train.checkpointing import resolve_model_dir
-
-    directory = resolve_model_dir(path)
-    if not (directory / "tokenizer.json").is_file():
-        raise ValueError(f"{key} {str(path)!r}: {directory} has no tokenizer.json (prompts are rendered, and a "
-                         "student trained, with the model's own tokenizer)")
-    return load_model(directory, device=device), load_tokenizer(directory), directory
-
-
-def sampling_engine(model: Any, tokenizer: Any, examples: list[dict[str, Any]], template: str, max_tokens: int,
-                    max_num_seqs: int) -> LLM:
-    """An engine sized to the job: its cache holds max_num_seqs sequences of the longest prompt + max_tokens,
-    not the model's whole context, so that it fits beside training (and a second engine) in memory."""
-    longest = max(len(render_prompt(tokenizer, ex["question"], template)[1]) for ex in examples)
-    max_len = min(longest + max_tokens + 1, model.config.max_position_embeddings)
-    return LLM(model, tokenizer=tokenizer, max_num_seqs=max(1, min(max_num_seqs, 256)), block_size=16,
-               max_model_len=max_len)
-
-
-def write_json(path: str | os.PathLike, obj: dict[str, Any]) -> None:
-    """A small JSON file (a report, statistics), written atomically like the datasets."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_sft_dataset(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
-    """Write chat records as JSONL atomically (temp file beside it, fsync, rename); returns the record count.
-
-    Atomic so that a killed run never leaves a half-written dataset that a later `r1forge sft` would train on.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return count

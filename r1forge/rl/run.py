@@ -13,97 +13,33 @@ training stage ever sees (see r1forge.data.synthetic for the split rule).
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from r1forge.data import load_tokenizer
-from r1forge.data.synthetic import KINDS
+from r1forge.data.jsonl import append_jsonl
 from r1forge.rl.examples import train_and_held_out
-from r1forge.rl.config import GRPOConfig
-from r1forge.rl.trainer import EvalResult, GRPOTrainer
+from r1forge.rl.config import GRPORunConfig
+from r1forge.rl.evaluate import EvalResult, eval_record
+from r1forge.rl.trainer import GRPOTrainer
 from r1forge.rl.rewards import REWARD_STATS, combine_rewards
 from r1forge.train.checkpointing import CHECKPOINTS_DIR, resolve_model_dir, save_training_checkpoint
-from r1forge.train.config import ModelSection, save_run_config
 from r1forge.train.metrics import MetricsLogger, Progress
-from r1forge.train.run import build_run_model, prepare_run_dir, resolve_device, seed_everything
-
-
-@dataclass
-class GRPODataConfig:
-    """Prompts with verifiable answers."""
-
-    files: list[str] = field(default_factory=list)  # JSONL of {"question": ..., "answer": ...}; empty: built-in
-    eval_files: list[str] = field(default_factory=list)  # held-out JSONL of the same form; empty: built-in test split
-    synthetic_problems: int = 2000  # built-in train-split problems (when files is empty)
-    synthetic_eval_problems: int = 500  # built-in test-split problems for evaluation (when eval_files is empty)
-    min_steps: int = 1  # built-in problems: fewest solution steps
-    max_steps: int = 3  # built-in problems: most solution steps
-    max_operand: int = 99  # built-in problems: largest operand
-    kinds: list[str] = field(default_factory=lambda: list(KINDS))  # built-in problem kinds
-
-    def validate(self, prefix: str = "data") -> None:
-        if self.synthetic_problems <= 0 and not self.files:
-            raise ValueError(f"{prefix}.synthetic_problems must be positive when {prefix}.files is empty")
-        if not 1 <= self.min_steps <= self.max_steps:
-            raise ValueError(f"{prefix}.min_steps/max_steps: need 1 <= min_steps <= max_steps")
-        unknown = set(self.kinds) - set(KINDS)
-        if unknown or not self.kinds:
-            raise ValueError(f"{prefix}.kinds must be a non-empty subset of {list(KINDS)}, got {self.kinds}")
-
-
-@dataclass
-class GRPOLogConfig:
-    """What is written where, and how often."""
-
-    save_every: int = 0  # steps between checkpoints; 0 saves only at the end
-    keep_last: int = 2  # checkpoints kept (older ones are deleted); 0 keeps all
-    eval_every: int = 0  # steps between held-out evaluations; 0 only before and after
-    eval_problems: int = 500  # held-out problems per evaluation (greedy decoding)
-    eval_before: bool = True  # evaluate the initial policy too (the "before" of the before/after table)
-    tensorboard: bool = True  # also write TensorBoard events to RUN_DIR/tb
-    progress: bool = True  # tqdm progress bar on stderr
-    plots: bool = True  # write RUN_DIR/plots/*.png at the end
-
-    def validate(self, prefix: str = "log") -> None:
-        for key in ("save_every", "keep_last", "eval_every", "eval_problems"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
-
-
-@dataclass
-class GRPORunConfig:
-    """`r1forge grpo CONFIG.yaml`."""
-
-    run_dir: str = "runs/grpo"  # metrics.jsonl, completions.jsonl, tb/, plots/, checkpoints/
-    seed: int = 0  # seeds every RNG, the prompt order and the rollout sampling
-    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", ...
-    model: ModelSection = field(default_factory=lambda: ModelSection(mtp=False))  # init_from: the policy to train
-    data: GRPODataConfig = field(default_factory=GRPODataConfig)  # prompts and held-out problems
-    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.2})  # name -> weight
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # the algorithm
-    log: GRPOLogConfig = field(default_factory=GRPOLogConfig)  # logging, evaluation, checkpoints
-
-    def validate(self, prefix: str = "") -> None:
-        combine_rewards(self.rewards)  # names every unknown reward / bad weight
+from r1forge.train.prologue import start_run
+from r1forge.train.run import build_run_model
 
 
 @dataclass
 class GRPOResult:
+    status: str  # "completed" (a step with a non-finite gradient norm is skipped, not fatal)
     step: int
     before: EvalResult | None
     after: EvalResult | None
     checkpoint: Path | None
     run_dir: Path
     plots: list[Path]
-
-
-def eval_record(result: EvalResult, prefix: str = "eval") -> dict[str, float]:
-    return {f"{prefix}/accuracy": result.accuracy, f"{prefix}/accuracy_stderr": result.stderr,
-            f"{prefix}/format_rate": result.format_rate, f"{prefix}/response_length": result.mean_length,
-            f"{prefix}/problems": result.num_problems}
 
 
 def run_grpo(cfg: GRPORunConfig, resume: bool = False, before: EvalResult | None = None) -> GRPOResult:
@@ -113,11 +49,8 @@ def run_grpo(cfg: GRPORunConfig, resume: bool = False, before: EvalResult | None
     """
     if cfg.model.init_from is None:
         raise ValueError("model.init_from: GRPO starts from a trained policy (a checkpoint or run directory)")
-    run_dir = Path(cfg.run_dir)
-    checkpoint = prepare_run_dir(run_dir, resume)
-    save_run_config(cfg, run_dir / ("config.yaml" if checkpoint is None else "config.resumed.yaml"))
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    start = start_run(cfg, resume, device=cfg.device, device_key="device")
+    run_dir, checkpoint, device = start.run_dir, start.checkpoint, start.device
     init_dir = resolve_model_dir(cfg.model.init_from)
     tokenizer = load_tokenizer(checkpoint if checkpoint is not None else init_dir)
     model = build_run_model(cfg.model, tokenizer, device)
@@ -139,12 +72,7 @@ def run_grpo(cfg: GRPORunConfig, resume: bool = False, before: EvalResult | None
     if checkpoint is None:
         completions_path.write_text("", encoding="utf-8")
 
-    def log_completions(step: int, rows: list[dict[str, Any]]) -> None:
-        with open(completions_path, "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n")
-
-    trainer.log_completions = log_completions
+    trainer.log_completions = lambda step, rows: append_jsonl(completions_path, ({"step": step, **r} for r in rows))
     REWARD_STATS.reset()
     if before is None and cfg.log.eval_before and held_out and checkpoint is None:
         before = trainer.evaluate(held_out, progress=cfg.log.progress)
@@ -186,7 +114,10 @@ def run_grpo(cfg: GRPORunConfig, resume: bool = False, before: EvalResult | None
         from r1forge.rl.plots import plot_grpo_run
 
         plots = plot_grpo_run(run_dir)
-    return GRPOResult(trainer.step_count, before, after, saved, run_dir, plots)
+    for path in plots:
+        print(f"plot: {path}")
+    print(f"checkpoint: {saved}")
+    return GRPOResult("completed", trainer.step_count, before, after, saved, run_dir, plots)
 
 
 def _save(trainer: GRPOTrainer, run_dir: Path, cfg: GRPORunConfig, tokenizer: Any) -> Path:

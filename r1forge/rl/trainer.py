@@ -20,34 +20,19 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from r1forge.engine import LLM
 from r1forge.rl.config import GRPOConfig
+from r1forge.rl.evaluate import EvalResult, evaluate
 from r1forge.rl.grpo_loss import dynamic_sampling_filter, group_advantages, grpo_loss, zero_std_group_fraction
 from r1forge.rl.rewards import overlong_penalty
 from r1forge.rl.rollout import RolloutBatch, completion_logprobs, generate_rollouts
 from r1forge.rl.templates import render_prompt
 from r1forge.train.balance import ExpertLoadTracker, update_router_biases
 from r1forge.train.schedule import build_scheduler
-
-
-@dataclass
-class EvalResult:
-    accuracy: float
-    format_rate: float
-    mean_length: float
-    num_problems: int
-    completions: list[str]
-    correct: list[bool]
-
-    @property
-    def stderr(self) -> float:
-        p = self.accuracy
-        return (p * (1 - p) / max(self.num_problems, 1)) ** 0.5
 
 
 def _cat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
@@ -270,25 +255,3 @@ class GRPOTrainer:
             metrics = self.step()
             if progress is not None:
                 progress(self.step_count, metrics)
-
-
-@torch.no_grad()
-def evaluate(llm: LLM, tokenizer: Any, examples: list[dict[str, Any]], template: str, max_tokens: int,
-             progress: bool = False) -> EvalResult:
-    """Greedy decoding on held-out problems: accuracy, format rate and mean response length (tokens)."""
-    from r1forge.engine import SamplingParams
-    from r1forge.rl.rewards import accuracy_reward, format_reward
-
-    llm.model.eval()
-    prompts, ids = zip(*(render_prompt(tokenizer, ex["question"], template) for ex in examples))
-    outs = llm.generate([list(i) for i in ids], SamplingParams(temperature=0.0, max_tokens=max_tokens),
-                        use_tqdm=progress)
-    correct, formatted, lengths, texts = [], [], [], []
-    for prompt, ex, out in zip(prompts, examples, outs):
-        text = out.text
-        correct.append(accuracy_reward(prompt, text, **ex) >= 1.0)
-        formatted.append(format_reward(prompt, text, **ex) >= 1.0)
-        lengths.append(len(out.token_ids))
-        texts.append(text)
-    n = len(examples)
-    return EvalResult(sum(correct) / n, sum(formatted) / n, sum(lengths) / n, n, texts, correct)

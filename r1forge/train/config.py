@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from r1forge.data.synthetic import KINDS, MAX_RESULT, MAX_STEPS, Problem, make_problems
+
 T = TypeVar("T")
 
 
@@ -94,48 +96,88 @@ class LogConfig:
 
 
 @dataclass
-class PretrainDataConfig:
-    """Packed next-token-prediction data."""
+class ProblemSource:
+    """Where a stage's examples come from: its own files, or the built-in arithmetic problems
+    (`r1forge.data.synthetic`), whose train and test splits never share a problem.
+
+    Declared once and shared by the pretrain, SFT, GRPO and distillation data configs (their `data:` section
+    extends it, so the YAML keys are the same everywhere) and by `r1forge sample`. What a file holds is the
+    stage's own record type (see each data config's docstring); the generator's settings mean the same in all.
+    """
+
+    files: list[str] = field(default_factory=list)  # the stage's training files; empty: built-in problems
+    eval_files: list[str] = field(default_factory=list)  # held-out files; empty: built-in test-split problems
+    synthetic_eval_problems: int = 200  # held-out test-split problems (when eval_files is empty)
+    min_steps: int = 1  # built-in problems: fewest solution steps
+    max_steps: int = 3  # built-in problems: most solution steps (equations stop at 3)
+    max_operand: int = 99  # built-in problems: largest starting number or operand
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))  # built-in problem kinds
+
+    def validate(self, prefix: str = "data") -> None:
+        """Errors name the dotted key (`data.max_steps`); with prefix "" the bare field (a command's flag)."""
+        if not self.eval_files:
+            _positive(self, prefix, "synthetic_eval_problems")
+        if not 1 <= self.min_steps <= self.max_steps <= MAX_STEPS:
+            raise ValueError(f"{_key(prefix, 'min_steps')}/{_key(prefix, 'max_steps')}: need 1 <= min_steps <= "
+                             f"max_steps <= {MAX_STEPS}, got {self.min_steps}, {self.max_steps}")
+        if not 2 <= self.max_operand <= MAX_RESULT:
+            raise ValueError(f"{_key(prefix, 'max_operand')} must be in [2, {MAX_RESULT}], got {self.max_operand}")
+        if not self.kinds or set(self.kinds) - set(KINDS):
+            raise ValueError(f"{_key(prefix, 'kinds')} must be a non-empty subset of {list(KINDS)}, got {self.kinds}")
+
+    def problems(self, count: int, seed: int, split: str) -> list[Problem]:
+        """`count` built-in problems of `split` ("train" or "test") at this source's difficulty."""
+        return make_problems(count, seed, split, self.min_steps, self.max_steps, self.max_operand, tuple(self.kinds))
+
+
+@dataclass
+class ProblemSet(ProblemSource):
+    """A problem source whose training side is problems too (SFT, GRPO, distillation), not a text corpus."""
+
+    synthetic_problems: int = 2000  # built-in train-split problems (when files is empty)
+
+    def validate(self, prefix: str = "data") -> None:
+        super().validate(prefix)
+        if not self.files:
+            _positive(self, prefix, "synthetic_problems")
+
+
+@dataclass
+class PretrainDataConfig(ProblemSource):
+    """Packed next-token-prediction data: `files` are .txt / .jsonl ({"text": ...}); empty: the built-in corpus
+    (worked train-split problems and simple English), evaluated on test-split problems."""
 
     tokenizer: str | None = None  # tokenizer directory; null trains one on the training text into RUN_DIR/tokenizer
     vocab_size: int = 512  # vocabulary of a tokenizer trained here
-    files: list[str] = field(default_factory=list)  # .txt / .jsonl ({"text": ...}) files; empty: built-in corpus
-    eval_files: list[str] = field(default_factory=list)  # held-out files; empty: see eval_fraction / synthetic
     eval_fraction: float = 0.05  # rows of `files` held out for evaluation when eval_files is empty
-    synthetic_docs: int = 4000  # documents of the built-in arithmetic corpus (when files is empty)
-    synthetic_eval_problems: int = 200  # held-out test-split problems evaluated on (when files is empty)
-    min_steps: int = 1  # built-in problems: fewest solution steps
-    max_steps: int = 3  # built-in problems: most solution steps
-    max_operand: int = 99  # built-in problems: largest starting number or operand
+    synthetic_docs: int = 4000  # documents of the built-in corpus (when files is empty)
     problem_fraction: float = 0.7  # built-in corpus: share of documents that are worked problems (rest: English)
     seq_len: int = 128  # tokens per packed row
     skip_malformed: bool = False  # skip (and count) malformed JSONL lines instead of stopping at the first one
 
     def validate(self, prefix: str = "data") -> None:
-        _positive(self, prefix, "vocab_size", "synthetic_docs", "synthetic_eval_problems", "seq_len")
+        super().validate(prefix)
+        _positive(self, prefix, "vocab_size", "synthetic_docs", "seq_len")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"{prefix}.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not 0.0 <= self.problem_fraction <= 1.0:
+            raise ValueError(f"{prefix}.problem_fraction must be in [0, 1], got {self.problem_fraction}")
 
 
 @dataclass
-class SFTDataConfig:
-    """Chat conversations; the loss is on assistant tokens only."""
+class SFTDataConfig(ProblemSet):
+    """Chat conversations (`files`: chat JSONL, {"messages": [...]}); the loss is on assistant tokens only.
+    Without files: built-in <think>/<answer> conversations of train-split problems."""
 
     tokenizer: str | None = None  # tokenizer directory; null: init_from's tokenizer, else one trained on the data
     vocab_size: int = 512  # vocabulary of a tokenizer trained here
-    files: list[str] = field(default_factory=list)  # chat JSONL ({"messages": [...]}); empty: built-in problems
-    eval_files: list[str] = field(default_factory=list)  # held-out chat JSONL; empty: test-split problems
-    synthetic_problems: int = 2000  # built-in <think>/<answer> conversations (when files is empty)
-    synthetic_eval_problems: int = 100  # held-out built-in conversations (when eval_files is empty)
-    min_steps: int = 1  # built-in problems: fewest solution steps
-    max_steps: int = 3  # built-in problems: most solution steps
-    max_operand: int = 99  # built-in problems: largest starting number or operand
     max_len: int = 256  # longest conversation (or packed row) in tokens
     skip_malformed: bool = False  # skip (and count) malformed JSONL lines instead of stopping at the first one
     packing: bool = False  # pack conversations into rows of max_len
 
     def validate(self, prefix: str = "data") -> None:
-        _positive(self, prefix, "vocab_size", "synthetic_problems", "synthetic_eval_problems", "max_len")
+        super().validate(prefix)
+        _positive(self, prefix, "vocab_size", "max_len")
 
 
 @dataclass
@@ -161,21 +203,25 @@ class SFTRunConfig:
     run_dir: str = "runs/sft"  # metrics.jsonl, tb/, checkpoints/step-N/ go here
     seed: int = 0  # seeds the init, the data order and every RNG
     model: ModelSection = field(default_factory=lambda: ModelSection(mtp=False))  # usually init_from a pretrain run
-    data: SFTDataConfig = field(default_factory=SFTDataConfig)  # the conversations
+    data: SFTDataConfig = field(default_factory=lambda: SFTDataConfig(synthetic_eval_problems=100))  # conversations
     train: TrainConfig = field(default_factory=_sft_train)  # the optimisation
     log: LogConfig = field(default_factory=lambda: LogConfig(eval_every=50, save_every=100))  # logging, checkpoints
+
+
+def _key(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
 
 
 def _positive(obj: Any, prefix: str, *keys: str) -> None:
     for key in keys:
         if getattr(obj, key) <= 0:
-            raise ValueError(f"{prefix}.{key} must be positive, got {getattr(obj, key)}")
+            raise ValueError(f"{_key(prefix, key)} must be positive, got {getattr(obj, key)}")
 
 
 def _non_negative(obj: Any, prefix: str, *keys: str) -> None:
     for key in keys:
         if getattr(obj, key) < 0:
-            raise ValueError(f"{prefix}.{key} must be >= 0, got {getattr(obj, key)}")
+            raise ValueError(f"{_key(prefix, key)} must be >= 0, got {getattr(obj, key)}")
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from r1forge.data import (
-    IGNORE_INDEX, PretrainDataset, SFTDataset, StatefulLoader, Tokenizer, make_pretrain_corpus, make_problems,
+    IGNORE_INDEX, PretrainDataset, SFTDataset, StatefulLoader, Tokenizer, make_pretrain_corpus,
     pretrain_text, sft_messages, stack_collate,
 )
 from r1forge.train.config import PretrainDataConfig, SFTDataConfig
@@ -41,8 +41,10 @@ class RowSubset:
 
 def pretrain_texts(cfg: PretrainDataConfig, seed: int) -> list[str] | None:
     """The built-in corpus when no files are given (also what a tokenizer is trained on), else None."""
-    return None if cfg.files else make_pretrain_corpus(cfg.synthetic_docs, seed, cfg.problem_fraction, min_steps=cfg.min_steps,
-                                                        max_steps=cfg.max_steps, max_operand=cfg.max_operand)
+    if cfg.files:
+        return None
+    return make_pretrain_corpus(cfg.synthetic_docs, seed, cfg.problem_fraction, cfg.min_steps, cfg.max_steps,
+                                cfg.max_operand, tuple(cfg.kinds))
 
 
 def pretrain_datasets(cfg: PretrainDataConfig, tokenizer: Tokenizer, seed: int,
@@ -51,8 +53,7 @@ def pretrain_datasets(cfg: PretrainDataConfig, tokenizer: Tokenizer, seed: int,
     if not cfg.files:
         texts = texts if texts is not None else pretrain_texts(cfg, seed)
         train = PretrainDataset(tokenizer, cfg.seq_len, texts=texts, seed=seed)
-        problems = make_problems(cfg.synthetic_eval_problems, seed, "test", cfg.min_steps, cfg.max_steps,
-                                 cfg.max_operand)
+        problems = cfg.problems(cfg.synthetic_eval_problems, seed, "test")
         held_out = PretrainDataset(tokenizer, cfg.seq_len, texts=[pretrain_text(p) for p in problems], seed=None)
         return train, held_out
     train = PretrainDataset(tokenizer, cfg.seq_len, files=cfg.files, seed=seed, skip_malformed=cfg.skip_malformed)
@@ -71,11 +72,10 @@ def pretrain_datasets(cfg: PretrainDataConfig, tokenizer: Tokenizer, seed: int,
 
 def sft_records(cfg: SFTDataConfig, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Built-in (train, held-out) conversations, used where no files are given."""
-    shape = (cfg.min_steps, cfg.max_steps, cfg.max_operand)
     train = [] if cfg.files else [{"messages": sft_messages(p)}
-                                  for p in make_problems(cfg.synthetic_problems, seed, "train", *shape)]
+                                  for p in cfg.problems(cfg.synthetic_problems, seed, "train")]
     held_out = [] if cfg.eval_files else [{"messages": sft_messages(p)}
-                                          for p in make_problems(cfg.synthetic_eval_problems, seed, "test", *shape)]
+                                          for p in cfg.problems(cfg.synthetic_eval_problems, seed, "test")]
     return train, held_out
 
 

@@ -4,14 +4,13 @@
     result = run_pretrain(load_run_config(PretrainRunConfig, "configs/pretrain_tiny.yaml", ["--train.steps", "50"]))
 
 The run directory holds the resolved `config.yaml`, `metrics.jsonl`, `tb/`, the tokenizer trained for the run
-(when none was given) and `checkpoints/step-N/`. A run directory with checkpoints is only continued with
-`resume=True` (from its newest complete checkpoint), never silently overwritten.
+(when none was given) and `checkpoints/step-N/`; it is opened by the prologue every run shares
+(`r1forge.train.prologue.start_run`: no silent overwrite, seeds, device).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,56 +20,14 @@ import torch
 from r1forge.config import ModelConfig
 from r1forge.data import Tokenizer, load_tokenizer, train_tokenizer
 from r1forge.model import DeepseekForCausalLM, build_model
-from r1forge.train.checkpointing import CHECKPOINTS_DIR, clean_staging, latest_checkpoint, resolve_model_dir
-from r1forge.train.config import ModelSection, PretrainRunConfig, SFTRunConfig, save_run_config
+from r1forge.train.checkpointing import resolve_model_dir
+from r1forge.train.config import ModelSection, PretrainRunConfig, SFTRunConfig
 from r1forge.train.data import (
     fixed_batches, make_loader, pretrain_datasets, pretrain_texts, sft_datasets, sft_texts, target_counts,
     unigram_entropy,
 )
+from r1forge.train.prologue import start_run
 from r1forge.train.trainer import Trainer, TrainResult
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else as torch reads it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"train.device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device is {name!r} but CUDA is not available")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    """torch (CPU and CUDA), python and numpy RNGs."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # numpy is optional
-        pass
-
-
-def prepare_run_dir(run_dir: str | Path, resume: bool) -> Path | None:
-    """Create the run directory; the checkpoint to resume from (None: start fresh).
-
-    Refuses (ValueError naming run_dir) to start fresh over a run that has checkpoints.
-    """
-    run_dir = Path(run_dir)
-    checkpoints = run_dir / CHECKPOINTS_DIR
-    clean_staging(checkpoints)
-    latest = latest_checkpoint(checkpoints)
-    if latest is not None and not resume:
-        raise ValueError(f"run_dir {str(run_dir)!r} already has checkpoints (newest {latest.name}): pass --resume to "
-                         "continue it, or choose another run_dir")
-    if resume and latest is None:
-        print(f"--resume: no complete checkpoint in {checkpoints}, starting from scratch")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return latest if resume else None
 
 
 def _resolve_tokenizer(given: str | None, checkpoint: Path | None, init_dir: Path | None, run_dir: Path,
@@ -122,11 +79,8 @@ def build_run_model(section: ModelSection, tokenizer: Tokenizer, device: torch.d
 
 
 def _run(cfg: Any, resume: bool, make_data: Any, tokenizer_texts: Any, kind: str) -> TrainResult:
-    run_dir = Path(cfg.run_dir)
-    checkpoint = prepare_run_dir(run_dir, resume)
-    save_run_config(cfg, run_dir / ("config.yaml" if checkpoint is None else "config.resumed.yaml"))
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.train.device)
+    start = start_run(cfg, resume, device=cfg.train.device, device_key="train.device")
+    run_dir, checkpoint, device = start.run_dir, start.checkpoint, start.device
     init_dir = resolve_model_dir(cfg.model.init_from) if cfg.model.init_from else None
     made: list[list[str] | None] = []  # the built-in texts, generated only if a tokenizer is trained on them
 
