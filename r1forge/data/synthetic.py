@@ -27,6 +27,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from r1forge.data.tags import ANSWER_END, ANSWER_START, THINK_END, THINK_START
+
 TEST_MODULUS = 10  # one problem in TEST_MODULUS belongs to the test split
 MAX_RESULT = 999
 MAX_STEPS = 10  # longest solution make_problems builds
@@ -280,7 +282,8 @@ def sft_messages(problem: Problem) -> list[dict[str, str]]:
     """A cold-start SFT conversation: the answer is `<think>` steps `</think>` then `<answer>`."""
     steps = "\n".join(problem.steps)
     return [{"role": "user", "content": problem.question},
-            {"role": "assistant", "content": f"<think>\n{steps}\n</think>\n<answer>{problem.answer}</answer>"}]
+            {"role": "assistant",
+             "content": f"{THINK_START}\n{steps}\n{THINK_END}\n{ANSWER_START}{problem.answer}{ANSWER_END}"}]
 
 
 def rl_example(problem: Problem) -> dict[str, Any]:

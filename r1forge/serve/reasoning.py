@@ -22,17 +22,9 @@ whitespace plus `"<thi"` at the start of the output) and releases it once the ne
 
 from __future__ import annotations
 
-THINK_START = "<think>"
-THINK_END = "</think>"
+from r1forge.data.tags import THINK_END, THINK_START, prompt_opens_think
 
-
-def prompt_opens_think(prompt: str) -> bool:
-    """True when the rendered prompt leaves a `<think>` open, i.e. the output continues inside the reasoning.
-
-    R1's template ends with `<think>\\n` (True); a template that pre-closes the reasoning for a non-thinking
-    answer ends with `</think>` (False); a plain template has neither (False).
-    """
-    return prompt.rfind(THINK_START) > prompt.rfind(THINK_END)
+__all__ = ["THINK_START", "THINK_END", "prompt_opens_think", "split_reasoning", "ReasoningStreamParser"]
 
 
 def split_reasoning(text: str, prompt_opened_think: bool) -> tuple[str | None, str]:

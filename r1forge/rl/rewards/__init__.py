@@ -4,8 +4,9 @@ never raising."""
 from r1forge.rl.rewards.accuracy import accuracy_reward, answers_match, make_accuracy_reward
 from r1forge.rl.rewards.answers import extract_answer, extract_boxed, normalize_answer, parse_number
 from r1forge.rl.rewards.checker import MathChecker, default_checker
+from r1forge.data.tags import prompt_opens_think
 from r1forge.rl.rewards.format_rewards import (format_reward, format_reward_soft, language_consistency_reward,
-                                               overlong_penalty, prompt_opens_think)
+                                               overlong_penalty)
 from r1forge.rl.rewards.registry import (REWARD_FUNCTIONS, CombinedReward, combine_rewards, get_reward, load_reward,
                                          register_reward)
 from r1forge.rl.rewards.stats import REWARD_STATS, RewardFunction, RewardStats

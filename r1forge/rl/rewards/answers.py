@@ -11,7 +11,8 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Any
 
-ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+from r1forge.data.tags import ANSWER_END, ANSWER_START
+
 MAX_ANSWER_CHARS = 2000  # a longer "answer" is not an answer; it is never sent to sympy
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _BRACE_TOKENS = re.compile(r"\\.|[{}]", re.S)  # an escaped char, or a brace
@@ -53,12 +54,12 @@ def extract_boxed(text: str) -> str | None:
 def extract_answer(completion: str) -> str | None:
     """The model's final answer: the LAST `<answer>...</answer>` (a boxed answer inside it wins), else the last
     `\\boxed{}`; None when there is none, or when the last `<answer>` is never closed."""
-    start = completion.rfind(ANSWER_OPEN)
+    start = completion.rfind(ANSWER_START)
     if start >= 0:
-        end = completion.find(ANSWER_CLOSE, start + len(ANSWER_OPEN))
+        end = completion.find(ANSWER_END, start + len(ANSWER_START))
         if end < 0:
             return None
-        content = completion[start + len(ANSWER_OPEN) : end]
+        content = completion[start + len(ANSWER_START) : end]
         boxed = extract_boxed(content)
         content = boxed if boxed is not None else content
     else:

@@ -7,16 +7,9 @@ import re
 import unicodedata
 from typing import Any
 
+from r1forge.data.tags import ANSWER_START, R1_TAGS, THINK_END, THINK_START, prompt_opens_think
 from r1forge.rl.rewards.stats import guarded, to_text
 
-THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
-_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
-
-
-def prompt_opens_think(prompt: str) -> bool:
-    """True when the prompt (R1's chat template) ends by opening the reasoning, so the completion starts inside
-    it and holds only `</think>`. Missing this is why other projects' format reward stays at 0 on R1 models."""
-    return prompt.rstrip().endswith(THINK_OPEN)
 
 
 def format_tags(prompt: str, completion: str) -> int:
@@ -27,7 +20,7 @@ def format_tags(prompt: str, completion: str) -> int:
     after it. Anything may stand between the tags. All four right <=> the strict format.
     """
     right, cursor = 0, 0
-    for k, tag in enumerate(_TAGS):
+    for k, tag in enumerate(R1_TAGS):
         count = completion.count(tag)
         if k == 0 and prompt_opens_think(prompt):
             right += count == 0
@@ -106,12 +99,12 @@ def script_tokens(text: str) -> list[tuple[str, bool]]:
 def reasoning_text(completion: str) -> str:
     """The chain of thought: between `<think>` (or the start, when absent or opened by the prompt) and the
     first `</think>` (or, when the model never closed it, the first `<answer>` or the end); no tags in it."""
-    close = completion.find(THINK_CLOSE)
+    close = completion.find(THINK_END)
     if close < 0:
-        close = completion.find(ANSWER_OPEN)
+        close = completion.find(ANSWER_START)
     body = completion if close < 0 else completion[:close]
-    open_ = body.rfind(THINK_OPEN)
-    body = body if open_ < 0 else body[open_ + len(THINK_OPEN) :]
+    open_ = body.rfind(THINK_START)
+    body = body if open_ < 0 else body[open_ + len(THINK_START) :]
     return _TAG_RE.sub(" ", body)
 
 
