@@ -28,55 +28,14 @@ from r1forge.rl.config import GRPORunConfig
 from r1forge.rl.run import run_grpo
 from r1forge.rl.evaluate import EvalResult
 from r1forge.data.jsonl import write_json
-from r1forge.train.config import PretrainRunConfig, SFTRunConfig, config_from_dict
+from r1forge.train.config import PretrainRunConfig, SFTRunConfig, load_run_config
 
 DONE_FILE = "DONE.json"
-
-# The problems: one or two steps with operands up to 12 (products up to 144), so a ~1M-parameter model learns the
-# arithmetic in minutes but still slips often enough for RL to have something to sharpen.
-PROBLEMS: dict[str, Any] = {"min_steps": 1, "max_steps": 2, "max_operand": 12}
-# A small DeepSeek-V3-shaped model: MLA with q low-rank and a decoupled rope key, 1 dense + 3 MoE layers of 8 routed
-# experts (top-2 of 2 groups, 1 group kept) + 1 shared expert, one MTP module; ~1.5M parameters.
-MODEL: dict[str, Any] = {"hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 64,
-                         "num_hidden_layers": 4, "num_attention_heads": 4, "q_lora_rank": 64, "kv_lora_rank": 64,
-                         "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32}
-
-PRETRAIN: dict[str, Any] = {
-    "seed": 0,
-    "model": {"preset": "tiny", "mtp": True, "overrides": MODEL},
-    "data": {"vocab_size": 512, "synthetic_docs": 4000, "synthetic_eval_problems": 200, "seq_len": 128,
-             "problem_fraction": 0.9, **PROBLEMS},
-    "train": {"steps": 1500, "batch_size": 16, "lr": 3.0e-3, "min_lr_ratio": 0.1, "warmup_steps": 30,
-              "weight_decay": 0.1, "bias_update_gamma": 1.0e-3, "mtp_lambda": 0.3, "device": "cpu"},
-    "log": {"log_every": 25, "eval_every": 500, "eval_batches": 10, "save_every": 500, "keep_last": 1},
-}
-# A deliberately short cold start: enough to learn the <think>/<answer> format, not enough to saturate accuracy.
-SFT: dict[str, Any] = {
-    "seed": 0,
-    "model": {"mtp": False},
-    "data": {"synthetic_problems": 400, "synthetic_eval_problems": 100, "max_len": 192, **PROBLEMS},
-    "train": {"steps": 60, "batch_size": 16, "lr": 1.0e-3, "min_lr_ratio": 0.1, "warmup_steps": 10,
-              "weight_decay": 0.0, "bias_update_gamma": 1.0e-3, "mtp_lambda": 0.0, "device": "cpu"},
-    "log": {"log_every": 10, "eval_every": 0, "eval_batches": 5, "save_every": 0, "keep_last": 1},
-}
-# GRPO notes, measured on this model: (1) scale_rewards "batch": dividing by each group's std blows a format-only
-# difference inside a group whose answers are all wrong up to a full-size advantage, so most of the signal went to
-# the format and accuracy barely moved; the batch std keeps the rewards' weights in proportion. (2) The router
-# biases stay fixed during RL (bias_update_gamma 0): their sign updates change routing without regard to reward.
-# (3) lr 5e-5: 1e-4 and 2e-4 lowered held-out accuracy. (4) format weight 0.25: 0.1 let the format rate fall
-# while accuracy rose, 0.5 held accuracy back.
-GRPO: dict[str, Any] = {
-    "seed": 0,
-    "device": "cpu",
-    "data": {"synthetic_problems": 3000, "synthetic_eval_problems": 500, **PROBLEMS},
-    "rewards": {"accuracy": 1.0, "format": 0.25},
-    "grpo": {"steps": 120, "prompts_per_step": 16, "num_generations": 8, "max_completion_length": 48,
-             "temperature": 0.8, "learning_rate": 5.0e-5, "warmup_steps": 5, "beta": 0.0, "loss_type": "dapo",
-             "epsilon_low": 0.2, "epsilon_high": 0.28, "scale_rewards": "batch", "template": "chat",
-             "micro_batch_size": 64, "bias_update_gamma": 0.0, "log_completions_every": 10},
-    "log": {"eval_every": 0, "eval_problems": 500, "eval_before": True, "save_every": 20, "keep_last": 1,
-            "tensorboard": True, "progress": True, "plots": True},
-}
+# The stages' run configs are the shipped configs/*_tiny.yaml (one source: `r1forge pretrain
+# configs/pretrain_tiny.yaml` trains exactly the demo's first stage); the demo only places them under OUT_DIR,
+# chains them (init_from) and pins the CPU, so the table is the same on every machine.
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+STAGE_FILES = {"pretrain": "pretrain_tiny.yaml", "sft": "sft_tiny.yaml", "grpo": "grpo_tiny.yaml"}
 PASS_AT_K = 8
 PASS_AT_K_PROBLEMS = 200
 
@@ -176,6 +135,30 @@ def _train_stage(name: str, run_dir: Path, out: Path, timings: dict[str, float],
     _invalidate(out, after=name)
 
 
+def stage_configs(out_dir: str | Path, overrides: dict[str, list[str]] | None = None
+                  ) -> tuple[PretrainRunConfig, SFTRunConfig, GRPORunConfig]:
+    """The three training stages' run configs: configs/*_tiny.yaml placed under `out_dir`, each stage starting
+    from the previous one, on the CPU; then `overrides` (dotted, per stage, as on the command line)."""
+    overrides = overrides or {}
+    unknown = set(overrides) - set(STAGE_FILES)
+    if unknown:
+        raise ValueError(f"overrides: unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGE_FILES)}")
+    if not CONFIGS_DIR.is_dir():
+        raise FileNotFoundError(f"{CONFIGS_DIR}: the demo runs the repository's configs/*_tiny.yaml; run it from a "
+                                "source checkout (pip install -e .)")
+    out = Path(out_dir)
+    placement = {
+        "pretrain": ["--run_dir", str(out / "pretrain"), "--train.device", "cpu"],
+        "sft": ["--run_dir", str(out / "sft"), "--model.init_from", str(out / "pretrain"), "--train.device", "cpu"],
+        "grpo": ["--run_dir", str(out / "grpo"), "--model.init_from", str(out / "sft"), "--device", "cpu"],
+    }
+    classes = {"pretrain": PretrainRunConfig, "sft": SFTRunConfig, "grpo": GRPORunConfig}
+    pretrain, sft, grpo = (load_run_config(classes[stage], CONFIGS_DIR / name,
+                                           placement[stage] + list(overrides.get(stage, [])))
+                           for stage, name in STAGE_FILES.items())
+    return pretrain, sft, grpo
+
+
 def run_demo(out_dir: str | Path = "runs/demo", grpo_steps: int | None = None,
              overrides: dict[str, list[str]] | None = None,
              pass_at_k_problems: int = PASS_AT_K_PROBLEMS) -> dict[str, Any]:
@@ -189,13 +172,10 @@ def run_demo(out_dir: str | Path = "runs/demo", grpo_steps: int | None = None,
         pass_at_k_problems: held-out problems sampled k times for pass@1 / pass@k.
     """
     from r1forge.train import run_pretrain, run_sft
-    from r1forge.train.config import apply_overrides
 
-    overrides = overrides or {}
-    unknown = set(overrides) - {"pretrain", "sft", "grpo"}
-    if unknown:
-        raise ValueError(f"overrides: unknown stage(s) {sorted(unknown)}; stages are pretrain, sft, grpo")
-
+    pretrain_cfg, sft_cfg, grpo_cfg = stage_configs(out_dir, overrides)
+    if grpo_steps is not None:
+        grpo_cfg.grpo.steps = grpo_steps
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -204,22 +184,13 @@ def run_demo(out_dir: str | Path = "runs/demo", grpo_steps: int | None = None,
     # 1. tokenizer + pretraining
     pre_dir = out / "pretrain"
     _banner("1/5 tokenizer + pretraining a tiny MLA + DeepSeekMoE model on the built-in corpus")
-    pretrain_config = {**PRETRAIN, "run_dir": str(pre_dir)}
-    _train_stage("pretrain", pre_dir, out, timings, lambda resume: run_pretrain(apply_overrides(
-        config_from_dict(PretrainRunConfig, pretrain_config), overrides.get("pretrain", [])), resume=resume))
+    _train_stage("pretrain", pre_dir, out, timings, lambda resume: run_pretrain(pretrain_cfg, resume=resume))
 
     # 2. cold-start SFT
     sft_dir = out / "sft"
     _banner("2/5 cold-start SFT on chain-of-thought conversations (<think> ... </think> <answer> ... </answer>)")
-    sft_config = {**SFT, "run_dir": str(sft_dir), "model": {**SFT["model"], "init_from": str(pre_dir)}}
-    _train_stage("sft", sft_dir, out, timings, lambda resume: run_sft(apply_overrides(
-        config_from_dict(SFTRunConfig, sft_config), overrides.get("sft", [])), resume=resume))
+    _train_stage("sft", sft_dir, out, timings, lambda resume: run_sft(sft_cfg, resume=resume))
 
-    grpo_cfg = config_from_dict(GRPORunConfig, {**GRPO, "run_dir": str(out / "grpo"),
-                                                 "model": {"mtp": False, "init_from": str(sft_dir)}})
-    apply_overrides(grpo_cfg, overrides.get("grpo", []))
-    if grpo_steps is not None:
-        grpo_cfg.grpo.steps = grpo_steps
     _, held_out = train_and_held_out(grpo_cfg.data, grpo_cfg.seed)
     max_tokens = grpo_cfg.grpo.max_completion_length
 

@@ -110,6 +110,22 @@ TINY: dict[str, Any] = {
     "rope_scaling": None,
 }
 
+# What `make demo` and configs/*_tiny.yaml train: `tiny` widened to 128 and deepened to 1 dense + 3 MoE layers of
+# 8 routed experts (top-2 of 2 groups, 1 group kept) + 1 shared expert, one MTP module; ~1.5M parameters with the
+# demo's 512-token vocabulary, small enough to learn the built-in arithmetic in minutes on a laptop CPU.
+TINY_DEMO: dict[str, Any] = {
+    **TINY,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "moe_intermediate_size": 64,
+    "num_hidden_layers": 4,
+    "q_lora_rank": 64,
+    "kv_lora_rank": 64,
+    "qk_nope_head_dim": 32,
+    "qk_rope_head_dim": 16,
+    "v_head_dim": 32,
+}
+
 SMALL: dict[str, Any] = {
     **DEEPSEEK_V3,
     "vocab_size": 2048,
@@ -138,5 +154,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "deepseek-r1": DEEPSEEK_V3,
     "deepseek-v2-lite": DEEPSEEK_V2_LITE,
     "tiny": TINY,
+    "tiny-demo": TINY_DEMO,
     "small": SMALL,
 }

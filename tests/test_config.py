@@ -67,7 +67,7 @@ def test_softmax_scale_uses_mscale_all_dim():
     assert ModelConfig.from_preset("tiny").softmax_scale == pytest.approx(24**-0.5)
 
 
-@pytest.mark.parametrize("name", ["deepseek-v3", "deepseek-r1", "deepseek-v2-lite", "tiny", "small"])
+@pytest.mark.parametrize("name", ["deepseek-v3", "deepseek-r1", "deepseek-v2-lite", "tiny", "tiny-demo", "small"])
 def test_presets_load(name):
     config = ModelConfig.from_preset(name)
     assert config.num_key_value_heads == config.num_attention_heads

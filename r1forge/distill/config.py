@@ -8,11 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from r1forge.rl.templates import TEMPLATES
 from r1forge.train.config import LogConfig, ProblemSet, TrainConfig
 
 MODES = ("sft", "kl")
 SEQUENCES = ("teacher", "dataset")
-TEMPLATES = ("chat", "r1-zero")
 
 
 @dataclass

@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 
 from r1forge.rl.grpo_loss import LOSS_TYPES, SCALE_REWARDS
 from r1forge.rl.rewards import combine_rewards
+from r1forge.rl.templates import TEMPLATES
 from r1forge.train.config import ModelSection, ProblemSet
-
-TEMPLATES = ("r1-zero", "chat")
 
 
 @dataclass

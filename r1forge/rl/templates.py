@@ -6,6 +6,8 @@ from typing import Any
 
 from r1forge.data.synthetic import R1_ZERO_TEMPLATE  # one template for RL prompts and the data's rl_example
 
+TEMPLATES = ("chat", "r1-zero")
+
 
 def render_prompt(tokenizer: Any, question: str, template: str) -> tuple[str, list[int]]:
     """(prompt text, prompt token ids) for one question.
@@ -22,4 +24,4 @@ def render_prompt(tokenizer: Any, question: str, template: str) -> tuple[str, li
         messages = [{"role": "user", "content": question}]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=True, tokenize=False)
         return text, tokenizer.encode(text)  # what tokenize=True gives, without rendering the template twice
-    raise ValueError(f"unknown template {template!r}; expected 'r1-zero' or 'chat'")
+    raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
