@@ -114,6 +114,18 @@ def test_grpo_raises_mean_reward(tokenizer_dir: Path, beta: float) -> None:
         assert key in history[-1]
 
 
+def test_grpo_optimizer_decays_matrices_only(tokenizer_dir: Path) -> None:
+    """GRPO builds the pretraining optimizer: weight decay on matrices, never on norm gains or other vectors."""
+    model = _policy(tokenizer_dir)
+    cfg = GRPOConfig(steps=2, prompts_per_step=2, num_generations=2, weight_decay=0.1, adam_beta2=0.99)
+    trainer = GRPOTrainer(model, load_tokenizer(tokenizer_dir), cfg, _digit_share, QUESTIONS)
+    decay, no_decay = trainer.optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert decay["betas"] == (0.9, 0.99) and decay["lr"] == pytest.approx(cfg.learning_rate)
+
+
 def _write_init(tokenizer_dir: Path, out: Path) -> Path:
     model = _policy(tokenizer_dir, seed=3)
     model.save_pretrained(out)

@@ -27,7 +27,7 @@ class GRPOConfig:
     temperature: float = 1.0  # sampling temperature (the logprobs are of this distribution)
     top_p: float = 1.0  # nucleus sampling during rollouts
     learning_rate: float = 1e-5  # AdamW learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
+    weight_decay: float = 0.0  # AdamW decoupled decay, on matrices only (as train.weight_decay)
     warmup_steps: int = 0  # linear warmup, then constant
     max_grad_norm: float = 1.0  # gradient clipping
     adam_beta1: float = 0.9  # AdamW beta1

@@ -32,7 +32,7 @@ from r1forge.rl.rewards import overlong_penalty
 from r1forge.rl.rollout import RolloutBatch, completion_logprobs, generate_rollouts
 from r1forge.rl.templates import render_prompt
 from r1forge.train.balance import ExpertLoadTracker, update_router_biases
-from r1forge.train.schedule import build_scheduler
+from r1forge.train.schedule import build_optimizer, build_scheduler
 
 
 def _cat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
@@ -75,9 +75,9 @@ class GRPOTrainer:
         self.log_completions = log_completions or (lambda step, rows: None)
         self.ref_model = self._frozen_copy() if config.beta > 0 else None
         self.ref_synced = False  # the reference is no longer the initial policy (ref_model_sync_steps)
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                           weight_decay=config.weight_decay)
+        # The pretraining optimizer: AdamW with weight decay on matrices only (norm gains are not pulled to zero).
+        self.optimizer = build_optimizer(model, config.learning_rate, config.weight_decay,
+                                         betas=(config.adam_beta1, config.adam_beta2))
         self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.steps, min_lr_ratio=1.0)  # constant
         self.rng = random.Random(config.seed)
         self.order: list[int] = []
