@@ -1,7 +1,9 @@
 """Training: pretraining and SFT with auxiliary-loss-free MoE balancing, MTP loss and exact resume.
 
 Small modules with one job each, reused by GRPO and distillation:
-- config.py: run configs (dataclasses <- YAML + dotted command-line overrides);
+- config.py: run configs (dataclasses <- YAML + dotted command-line overrides) and the sections every run config
+  shares (`ModelSection`, `TrainConfig`, `LogConfig`, the `ProblemSource` every `data:` section extends);
+- prologue.py: the start of every run (run directory, saved config, seeds, device);
 - schedule.py: AdamW with matrix-only decay, warmup + cosine;
 - balance.py: the router-bias update, expert-load tracking and statistics, the optional aux loss;
 - guard.py: the non-finite loss / gradient guard;
