@@ -62,32 +62,21 @@ def run(args: argparse.Namespace) -> int:
     def main() -> int:
         import json
         import sys
-        from pathlib import Path
 
-        from r1forge.data.jsonl import write_json, write_jsonl
-        from r1forge.rl.policy import load_policy, sampling_engine
-        from r1forge.rl.rejection import rejection_sample, sample_records
+        from r1forge.rl.rejection import sample_to_file
         from r1forge.train.prologue import resolve_device
 
         if args.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
         if args.max_tokens < 1:
             raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-        examples = examples_from_args(args)
-        model, tokenizer, model_dir = load_policy(args.model, resolve_device(args.device, "--device"), key="MODEL")
-        llm = sampling_engine(model, tokenizer, examples, args.template, args.max_tokens,
-                          len(examples) * args.num_samples)
-        result = rejection_sample(llm, tokenizer, examples, args.num_samples, template=args.template,
-                                  temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-                                  seed=args.seed, require_format=not args.allow_unformatted,
-                                  dedupe=not args.keep_duplicates, max_per_prompt=args.max_per_prompt)
-        records = result.records if args.rejection else sample_records(result, examples)
-        output = Path(args.output)
-        count = write_jsonl(output, records)
-        stats = {"model": str(model_dir), "rejection": args.rejection, **result.stats.to_dict()}
-        write_json(output.with_name(output.stem + ".stats.json"), stats)
-        print(f"{model_dir}: {result.stats.summary()}")
-        print(f"wrote {count} records to {output}" + (" (correct samples only)" if args.rejection else ""))
+        count, summary, stats = sample_to_file(
+            args.model, args.output, examples_from_args(args), args.num_samples, rejection=args.rejection,
+            device=resolve_device(args.device, "--device"), template=args.template, temperature=args.temperature,
+            top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed, require_format=not args.allow_unformatted,
+            dedupe=not args.keep_duplicates, max_per_prompt=args.max_per_prompt)
+        print(f"{stats['model']}: {summary.summary()}")
+        print(f"wrote {count} records to {args.output}" + (" (correct samples only)" if args.rejection else ""))
         if args.rejection and count == 0:
             print("warning: no sample passed; raise --num-samples or --temperature, or check the prompts' answers",
                   file=sys.stderr)

@@ -23,7 +23,9 @@ tokenization, which hot sampling produces now and then, is learnt in the canonic
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from r1forge.engine import LLM, SamplingParams
@@ -238,3 +240,26 @@ def sample_records(result: RejectionResult, examples: list[dict[str, Any]]) -> l
             record.update(correct=s.correct, formatted=s.formatted, finish_reason=s.finish_reason, kept=kept)
             out.append(record)
     return out
+
+
+def sample_to_file(model: str | os.PathLike, output: str | os.PathLike, examples: list[dict[str, Any]],
+                   num_samples: int = 8, *, rejection: bool = True, device: Any = "cpu", template: str = "chat",
+                   temperature: float = 1.0, top_p: float = 1.0, max_tokens: int = 256, seed: int | None = 0,
+                   require_format: bool = True, dedupe: bool = True,
+                   max_per_prompt: int | None = None) -> tuple[int, RejectionStats, dict[str, Any]]:
+    """`r1forge sample` as a call: load the policy at `model` (a checkpoint or run directory), sample N per prompt,
+    write `output` (the kept records, or with `rejection=False` every sample annotated with its checks) and
+    OUTPUT.stats.json beside it. Returns (records written, the pass's statistics, what the stats file holds)."""
+    from r1forge.data.jsonl import write_json, write_jsonl
+    from r1forge.rl.policy import load_policy, sampling_engine
+
+    policy, tokenizer, model_dir = load_policy(model, device, key="MODEL")
+    llm = sampling_engine(policy, tokenizer, examples, template, max_tokens, len(examples) * num_samples)
+    result = rejection_sample(llm, tokenizer, examples, num_samples, template=template, temperature=temperature,
+                              top_p=top_p, max_tokens=max_tokens, seed=seed, require_format=require_format,
+                              dedupe=dedupe, max_per_prompt=max_per_prompt)
+    output = Path(output)
+    count = write_jsonl(output, result.records if rejection else sample_records(result, examples))
+    stats = {"model": str(model_dir), "rejection": rejection, **result.stats.to_dict()}
+    write_json(output.with_name(output.stem + ".stats.json"), stats)
+    return count, result.stats, stats
