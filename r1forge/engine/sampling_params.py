@@ -5,6 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class SamplingParamError(ValueError):
+    """An invalid sampling parameter; `param` is its name, for callers (the server) that report it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class SamplingParams:
     """How to sample one request's completions.
@@ -55,7 +63,7 @@ class SamplingParams:
         ]
         for name, ok, msg in checks:
             if not ok:
-                raise ValueError(f"SamplingParams.{name} {msg}, got {getattr(self, name)!r}")
+                raise SamplingParamError(name, f"SamplingParams.{name} {msg}, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:

@@ -1,7 +1,7 @@
 """The FastAPI app of `r1forge serve`: OpenAI's chat and completions endpoints over one shared engine.
 
 Every HTTP request becomes one engine request per prompt (n completions each), all in the engine's one
-continuous batch (their lifetime, disconnects included, is `EngineRun`'s, in server.py). What the app adds:
+continuous batch (their lifetime, disconnects included, is `EngineRun`'s, in engine_run.py). What the app adds:
 - request side: bearer-key check (every route but /health), body size limit (Content-Length and the bytes
   actually received), strict validation with OpenAI error objects naming the parameter, the chat template,
   context and server limits;
@@ -11,7 +11,6 @@ continuous batch (their lifetime, disconnects included, is `EngineRun`'s, in ser
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from r1forge.engine.async_llm import AsyncLLM
 from r1forge.engine.outputs import StreamDelta
-from r1forge.engine.sampling_params import SamplingParams
+from r1forge.engine.sampling_params import SamplingParamError, SamplingParams
 from r1forge.serve.metrics import ServerMetrics
 from r1forge.serve.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
@@ -33,11 +32,10 @@ from r1forge.serve.protocol import (
     CompletionResponse, DeltaMessage, DeltaToolCall, ModelCard, ModelList, ResponseToolCall, TokenLogprob,
     TopLogprob, Usage, api_error, effective_max_tokens, format_validation_error, new_id, sse, validate_limits,
 )
-from r1forge.data.tokenizer import _UNICODE_TO_BYTE
+from r1forge.data.tokenizer import UNICODE_TO_BYTE
+from r1forge.serve.config import ServerConfig
+from r1forge.serve.engine_run import ClientGone, EngineRun, Job, Refused, SSEResponse, unless_disconnected
 from r1forge.serve.reasoning import ReasoningStreamParser, prompt_opens_think
-from r1forge.serve.server import (
-    ClientGone, EngineRun, Job, Refused, ServerConfig, SSEResponse, unless_disconnected,
-)
 from r1forge.serve.tool_calls import ToolCallDelta, ToolCallStreamParser, parse_tool_calls
 
 ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"})
@@ -116,9 +114,6 @@ async def _parse(request: Request, model: type[_M], limit: int) -> _M:
 
 # ---------------------------------------------------------------- response side
 
-_BYTE_OF = _UNICODE_TO_BYTE  # GPT-2's printable stand-ins for bytes, inverted
-
-
 class TokenText:
     """Text and raw UTF-8 bytes of single tokens, for logprobs. A token that is part of a character decodes to
     U+FFFD, so its bytes come from the byte-level spelling, as OpenAI's `bytes` field intends."""
@@ -134,8 +129,8 @@ class TokenText:
             text = self.tokenizer.decode([token_id])
             raw = text.encode("utf-8")
             piece = self.tokenizer.id_to_token(token_id) if self.byte_level else None
-            if piece and all(c in _BYTE_OF for c in piece):
-                raw = bytes(_BYTE_OF[c] for c in piece)
+            if piece and all(c in UNICODE_TO_BYTE for c in piece):
+                raw = bytes(UNICODE_TO_BYTE[c] for c in piece)
             hit = self._cache[token_id] = (text, list(raw))
         return hit
 
@@ -317,9 +312,8 @@ class _Handlers:
         kwargs = {**self.config.default_sampling, **req.sampling_kwargs(), "max_tokens": max_tokens}
         try:
             params = SamplingParams(**kwargs)
-        except ValueError as e:
-            name = re.search(r"SamplingParams\.(\w+)", str(e))
-            raise Refused.of(400, str(e), param=name.group(1) if name else None) from None
+        except SamplingParamError as e:
+            raise Refused.of(400, str(e), param=e.param) from None
         return Job(request_id, prompt_ids, params, prompt_text)
 
     def _render(self, req: ChatCompletionRequest) -> str:
