@@ -16,6 +16,7 @@ _EXPORTS = {
     "BackgroundServer": "r1forge.serve.server",
     "build_engine": "r1forge.serve.server",
     "sampling_defaults": "r1forge.serve.config",
+    "chat_template_file": "r1forge.serve.config",
     "serve": "r1forge.serve.server",
 }
 

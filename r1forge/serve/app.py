@@ -11,6 +11,7 @@ continuous batch (their lifetime, disconnects included, is `EngineRun`'s, in eng
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import Callable
@@ -84,9 +85,9 @@ class _Guard:
             self.metrics.record_request(scope["path"] if scope["path"] in ENDPOINTS else "other", status)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 past `limit` bytes: by its Content-Length, or as the bytes arrive (chunked
-    uploads and lying headers)."""
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The body, refused with 413 past `limit` bytes (by its Content-Length, or as the bytes arrive: chunked
+    uploads and lying headers) and with 408 when it has not all arrived within `timeout` seconds."""
     too_large = Refused.of(413, f"Request body is larger than this server's limit of {limit} bytes.",
                            code="request_too_large")
     declared = request.headers.get("content-length")
@@ -95,21 +96,48 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise Refused.of(400, f"Invalid Content-Length header {declared!r}.")
         if int(declared) > limit:
             raise too_large
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise Refused.of(408, f"The request body did not arrive within {timeout:g} seconds.",
+                         code="request_timeout") from None
 
 
-async def _parse(request: Request, model: type[_M], limit: int) -> _M:
-    body = await _read_body(request, limit)
+async def _parse(request: Request, model: type[_M], config: ServerConfig) -> _M:
+    body = await _read_body(request, config.max_body_bytes, config.body_timeout)
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
         raise Refused(400, format_validation_error(e)) from None
+
+
+def _check_served(engine: AsyncLLM, config: ServerConfig) -> str:
+    """At startup: the sampling defaults fit the model and the chat template compiles and renders a one-message
+    conversation; a ValueError naming the file otherwise. Returns the template's name for request errors."""
+    template = config.chat_template_file or "the tokenizer's chat template"
+    try:
+        SamplingParams(**config.default_sampling).check_vocab(engine.llm.model.config.vocab_size)
+    except SamplingParamError as e:
+        raise ValueError(f"the server's sampling defaults (generation_config.json): {e}") from None
+    if getattr(engine.tokenizer, "chat_template", None) is None:
+        return template
+    try:
+        engine.tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
+                                             tokenize=False)
+    except Exception as e:  # a syntax error, the sandbox's limits, an undefined name: the template is broken
+        raise ValueError(f"{template}: the chat template cannot render a one-message conversation "
+                         f"({type(e).__name__}: {e})") from None
+    return template
 
 
 # ---------------------------------------------------------------- response side
@@ -289,8 +317,8 @@ def _json(model: BaseModel, status: int = 200) -> Response:
 class _Handlers:
     """The two generation endpoints; everything they share (engine, limits, metrics) lives here."""
 
-    def __init__(self, engine: AsyncLLM, config: ServerConfig, metrics: ServerMetrics) -> None:
-        self.engine, self.config, self.metrics = engine, config, metrics
+    def __init__(self, engine: AsyncLLM, config: ServerConfig, metrics: ServerMetrics, template: str) -> None:
+        self.engine, self.config, self.metrics, self.template = engine, config, metrics, template
         self.tokenizer = engine.tokenizer
         self.token_text = TokenText(engine.tokenizer)
 
@@ -330,8 +358,9 @@ class _Handlers:
         try:
             return self.tokenizer.apply_chat_template(req.template_messages(), add_generation_prompt=True,
                                                       tools=tools, tokenize=False, **kwargs)
-        except (ValueError, TypeError) as e:
-            raise Refused.of(400, f"Cannot apply the chat template: {e}", param="messages") from None
+        except Exception as e:  # it rendered at startup, so what fails now depends on these messages
+            raise Refused.of(400, f"Cannot apply the chat template ({self.template}) to these messages: "
+                                  f"{type(e).__name__}: {e}", param="messages", code="chat_template_error") from None
 
     async def _respond(self, request: Request, run: EngineRun, states: list[Any], stream: bool,
                        complete: Callable[[], BaseModel], chunk: Callable[..., str],
@@ -343,7 +372,7 @@ class _Handlers:
         return SSEResponse(run.events(states, chunk, usage), run)
 
     async def chat(self, request: Request) -> Response:
-        req = await _parse(request, ChatCompletionRequest, self.config.max_body_bytes)
+        req = await _parse(request, ChatCompletionRequest, self.config)
         self._check_model(req.model)
         prompt = self._render(req)
         ids = self.tokenizer.encode(prompt)
@@ -368,7 +397,7 @@ class _Handlers:
                                    usage if req.include_usage else None)
 
     async def completions(self, request: Request) -> Response:
-        req = await _parse(request, CompletionRequest, self.config.max_body_bytes)
+        req = await _parse(request, CompletionRequest, self.config)
         self._check_model(req.model)
         if req.echo and req.logprobs is not None:
             raise Refused.of(400, "echo together with logprobs is not supported: it needs the prompt's logprobs, "
@@ -408,12 +437,14 @@ class _Handlers:
 def create_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
     """The OpenAI-compatible app over a running engine (its tokenizer needs a chat template for chat).
 
-    The caller owns the engine: `serve` / `BackgroundServer` shut it down.
+    The caller owns the engine: `serve` / `BackgroundServer` shut it down. Raises ValueError, naming the file,
+    when what it would serve is broken (see `_check_served`).
     """
     if engine.tokenizer is None:
         raise ValueError("the engine has no tokenizer: the server needs one for text prompts and the chat template")
+    template = _check_served(engine, config)
     metrics = ServerMetrics(config.model_name, engine.stats)
-    handlers = _Handlers(engine, config, metrics)
+    handlers = _Handlers(engine, config, metrics, template)
     app = FastAPI(title="r1forge", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.config, app.state.metrics = engine, config, metrics
     app.add_middleware(_Guard, api_key=config.api_key, metrics=metrics)

@@ -89,12 +89,12 @@ class EngineRun:
     def __init__(self, engine: AsyncLLM, jobs: list[Job], metrics: ServerMetrics, prompt_param: str) -> None:
         self.engine, self.jobs, self.metrics, self.prompt_param = engine, jobs, metrics, prompt_param
         self.arrival = time.monotonic()
-        self._gens = [engine.generate(j.prompt_ids, j.params, j.request_id) for j in jobs]
         self._queue: asyncio.Queue[tuple[int, StreamDelta | BaseException | None]] = asyncio.Queue()
         self._tasks: list[asyncio.Future] = []
         self._started = self._closed = False
 
     async def start(self) -> None:
+        """Submit the jobs as one unit (all admitted or all refused) and wait for each one's first delta."""
         async def first(gen: AsyncIterator[StreamDelta]) -> StreamDelta | None:
             try:
                 return await gen.__anext__()
@@ -102,27 +102,34 @@ class EngineRun:
                 return None
 
         try:
-            firsts = await asyncio.gather(*(first(g) for g in self._gens), return_exceptions=True)
+            gens = self.engine.generate_many([(j.prompt_ids, j.params, j.request_id) for j in self.jobs])
+        except Exception as e:
+            self.close()
+            raise self._refusal(e) from None
+        try:
+            firsts = await asyncio.gather(*(first(g) for g in gens), return_exceptions=True)
         except BaseException:
             self.close()
             raise
         errors = [e for e in firsts if isinstance(e, BaseException)]
         if errors:
             self.close()
-            e = next((x for x in errors if not isinstance(x, ValueError)), errors[0])
-            if isinstance(e, QueueFullError):
-                raise Refused.of(429, f"The server is overloaded: {e}.", code="queue_full",
-                                 headers={"Retry-After": "1"})
-            if isinstance(e, EngineDeadError):
-                raise Refused.of(503, f"The engine is not accepting requests: {e}.", code="unavailable")
-            if isinstance(e, SamplingParamError):  # a bound only the engine knows, e.g. top_k <= vocabulary
-                raise Refused.of(400, f"{e}.", param=e.param)
-            if isinstance(e, ValueError):
-                raise Refused.of(400, f"Invalid {self.prompt_param}: {e}.", param=self.prompt_param)
-            raise e
+            raise self._refusal(next((x for x in errors if not isinstance(x, ValueError)), errors[0]))
         self._started = True
-        for i, (gen, delta) in enumerate(zip(self._gens, firsts)):
+        for i, (gen, delta) in enumerate(zip(gens, firsts)):
             self._tasks.append(asyncio.ensure_future(self._pump(i, gen, delta)))
+
+    def _refusal(self, e: BaseException) -> BaseException:
+        """The HTTP answer to the engine refusing the jobs (anything else is raised as it is)."""
+        if isinstance(e, QueueFullError):
+            return Refused.of(429, f"The server is overloaded: {e}.", code="queue_full", headers={"Retry-After": "1"})
+        if isinstance(e, EngineDeadError):
+            return Refused.of(503, f"The engine is not accepting requests: {e}.", code="unavailable")
+        if isinstance(e, SamplingParamError):  # a bound only the engine knows, e.g. top_k <= vocabulary
+            return Refused.of(400, f"{e}.", param=e.param)
+        if isinstance(e, ValueError):
+            return Refused.of(400, f"Invalid {self.prompt_param}: {e}.", param=self.prompt_param)
+        return e
 
     async def _pump(self, i: int, gen: AsyncIterator[StreamDelta], first: StreamDelta | None) -> None:
         try:
@@ -176,6 +183,8 @@ class EngineRun:
             async for j, delta in self.deltas():
                 if delta.finish_reason == "abort":
                     raise Refused.of(503, _ABORTED, code="unavailable")
+                if delta.finish_reason == "error":
+                    raise Refused.of(500, _failed(delta), code="engine_error")
                 states[j * self.jobs[j].params.n + delta.index].feed(delta)
         except EngineDeadError as e:
             raise Refused.of(503, f"The engine failed: {e}.", code="unavailable") from None
@@ -194,6 +203,9 @@ class EngineRun:
                 if delta.finish_reason == "abort":
                     yield sse(api_error(503, _ABORTED))
                     break
+                if delta.finish_reason == "error":
+                    yield sse(api_error(500, _failed(delta), code="engine_error"))
+                    break
                 for c in states[j * self.jobs[j].params.n + delta.index].chunks(delta):
                     yield chunk([c])
             else:
@@ -208,6 +220,10 @@ class EngineRun:
 
 
 _ABORTED = "The request was ended because the server is shutting down."
+
+
+def _failed(delta: StreamDelta) -> str:
+    return f"The engine failed while processing this request ({delta.error}); the server keeps serving others."
 
 
 class SSEResponse(StreamingResponse):

@@ -21,19 +21,23 @@ from typing import Any
 
 import uvicorn
 
-from r1forge.engine.async_llm import AsyncLLM
+from r1forge.engine.async_llm import AsyncLLM, EngineDeadError
 from r1forge.engine.llm import LLM
 from r1forge.serve.app import create_app
 from r1forge.serve.config import ServerConfig
 
 
 class _GracefulServer(uvicorn.Server):
-    """uvicorn, plus: drain the engine while uvicorn waits for the open connections (see module docstring)."""
+    """uvicorn, plus: drain the engine while uvicorn waits for the open connections (see module docstring), and
+    stop when the engine loop has died (a broken engine: /health says 503 until the process ends)."""
 
     def __init__(self, config: uvicorn.Config, engine: AsyncLLM, drain_timeout: float) -> None:
         super().__init__(config)
         self.engine = engine
         self.drain_timeout = drain_timeout
+
+    async def on_tick(self, counter: int) -> bool:
+        return self.engine.errored or await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -45,7 +49,8 @@ class _GracefulServer(uvicorn.Server):
 def _uvicorn_config(app: Any, config: ServerConfig) -> uvicorn.Config:
     # uvicorn's own backstop only: the engine drain ends every stream before it, see _GracefulServer.
     return uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                          timeout_graceful_shutdown=int(config.shutdown_timeout) + 10, access_log=False)
+                          timeout_graceful_shutdown=int(config.shutdown_timeout) + 10, access_log=False,
+                          timeout_keep_alive=5)  # idle connections; a stalled body is the app's (body_timeout)
 
 
 def build_engine(model_dir: str | os.PathLike, max_waiting: int = 256, **llm_kwargs: Any) -> AsyncLLM:
@@ -57,10 +62,15 @@ def build_engine(model_dir: str | os.PathLike, max_waiting: int = 256, **llm_kwa
 
 
 def serve(engine: AsyncLLM, config: ServerConfig) -> None:
-    """Serve `engine` over HTTP until SIGINT / SIGTERM, then shut down gracefully (blocks)."""
+    """Serve `engine` over HTTP until SIGINT / SIGTERM, then shut down gracefully (blocks).
+
+    Raises EngineDeadError once the server stopped because the engine failed with no request to blame.
+    """
     app = create_app(engine, config)
     server = _GracefulServer(_uvicorn_config(app, config), engine, config.shutdown_timeout)
     server.run()
+    if engine.errored:
+        raise EngineDeadError(f"the engine failed ({engine.dead_error!r}), so the server stopped")
 
 
 class BackgroundServer:
