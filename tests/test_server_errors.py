@@ -164,9 +164,9 @@ def test_batch_is_admitted_or_refused_as_a_unit(tokenizer_dir) -> None:  # noqa:
 def test_graceful_shutdown(tokenizer_dir) -> None:  # noqa: F811
     """In-flight requests that end within the drain window finish; the rest end with an error event; the
     server then stops listening and the engine holds no cache blocks."""
-    srv = start_server(tokenizer_dir, shutdown_timeout=0.3, max_tokens=1000)
+    srv = start_server(tokenizer_dir, shutdown_timeout=2.0, max_tokens=1000)  # 5 tokens, not 1000, in 2 s
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key=API_KEY, max_retries=0)
-    short = client.chat.completions.create(model=MODEL, messages=user("Paris"), max_tokens=30, stream=True,
+    short = client.chat.completions.create(model=MODEL, messages=user("Paris"), max_tokens=5, stream=True,
                                            extra_body={"ignore_eos": True})
     long = client.chat.completions.create(model=MODEL, messages=user("fox"), max_tokens=1000, stream=True,
                                           extra_body={"ignore_eos": True})
