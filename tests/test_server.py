@@ -42,7 +42,7 @@ CORPUS = [
 ]
 
 
-def build_llm(tokenizer_dir: Path, max_model_len: int = 1024) -> r1forge.LLM:
+def build_llm(tokenizer_dir: Path, max_model_len: int = 1024, max_num_seqs: int = 64) -> r1forge.LLM:
     """A tiny random model with decisive logits (large weights), so greedy decoding is robust to batching."""
     tok = load_tokenizer(tokenizer_dir)
     torch.manual_seed(0)
@@ -50,7 +50,7 @@ def build_llm(tokenizer_dir: Path, max_model_len: int = 1024) -> r1forge.LLM:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, 0.3)
-    return r1forge.LLM(model, tok, max_num_seqs=64, block_size=16, max_model_len=max_model_len)
+    return r1forge.LLM(model, tok, max_num_seqs=max_num_seqs, block_size=16, max_model_len=max_model_len)
 
 
 def script_outputs(llm: r1forge.LLM) -> None:
@@ -81,8 +81,9 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tokenizer(None, tmp_path_factory.mktemp("tok"), vocab_size=420, texts=CORPUS)
 
 
-def start_server(tokenizer_dir: Path, max_waiting: int = 256, **config: Any) -> BackgroundServer:
-    llm = build_llm(tokenizer_dir)
+def start_server(tokenizer_dir: Path, max_waiting: int = 256, max_num_seqs: int = 64,
+                 **config: Any) -> BackgroundServer:
+    llm = build_llm(tokenizer_dir, max_num_seqs=max_num_seqs)
     script_outputs(llm)
     defaults = dict(model_name=MODEL, port=0, api_key=API_KEY, max_n=8, max_tokens=400, max_body_bytes=64 * 1024,
                     shutdown_timeout=2.0, log_level="warning")

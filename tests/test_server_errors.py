@@ -126,19 +126,47 @@ def test_body_over_limit_is_413(http: httpx.Client) -> None:
 
 
 def test_full_queue_is_429(tokenizer_dir) -> None:  # noqa: F811
-    with start_server(tokenizer_dir, max_waiting=0) as srv:
+    """429 only when the server really is full: both running slots taken by long streams, no waiting room."""
+    with start_server(tokenizer_dir, max_waiting=0, max_num_seqs=2, max_tokens=1000) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=API_KEY, max_retries=0)
+        assert httpx.post(srv.url + CHAT, headers=AUTH, json={"messages": MSG, "max_tokens": 2}).status_code == 200
+        streams = [client.chat.completions.create(model=MODEL, messages=user(f"fox {i}"), max_tokens=1000,
+                                                  stream=True, extra_body={"ignore_eos": True}) for i in range(2)]
+        for s in streams:
+            next(iter(s))
         r = httpx.post(srv.url + CHAT, headers=AUTH, json={"messages": MSG})
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["type"] == "rate_limit_error"
         assert httpx.get(srv.url + "/health").status_code == 200
+        for s in streams:
+            s.close()
+        deadline = time.monotonic() + 10
+        while srv.engine.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.post(srv.url + CHAT, headers=AUTH, json={"messages": MSG, "max_tokens": 2}).status_code == 200
+
+
+def test_batch_is_admitted_or_refused_as_a_unit(tokenizer_dir) -> None:  # noqa: F811
+    """More prompts than max_waiting on an idle server: admitted when they fit waiting + running slots (every
+    time, not by luck of timing), a 400 naming `prompt` when they never can."""
+    with start_server(tokenizer_dir, max_waiting=2, max_num_seqs=4) as srv:
+        for _ in range(3):
+            r = httpx.post(srv.url + COMPLETIONS, headers=AUTH,
+                           json={"prompt": [f"Paris {i}" for i in range(6)], "max_tokens": 3})
+            assert r.status_code == 200, r.text
+            assert sorted(c["index"] for c in r.json()["choices"]) == list(range(6))
+        r = httpx.post(srv.url + COMPLETIONS, headers=AUTH, json={"prompt": ["x"] * 7, "max_tokens": 3})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        assert "at most 6" in r.json()["error"]["message"]
+        assert srv.engine.stats()["waiting"] == 0 and srv.engine.stats()["cache_blocks_used"] == 0
 
 
 def test_graceful_shutdown(tokenizer_dir) -> None:  # noqa: F811
     """In-flight requests that end within the drain window finish; the rest end with an error event; the
     server then stops listening and the engine holds no cache blocks."""
-    srv = start_server(tokenizer_dir, shutdown_timeout=0.3, max_tokens=1000)
+    srv = start_server(tokenizer_dir, shutdown_timeout=2.0, max_tokens=1000)  # 5 tokens, not 1000, in 2 s
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key=API_KEY, max_retries=0)
-    short = client.chat.completions.create(model=MODEL, messages=user("Paris"), max_tokens=30, stream=True,
+    short = client.chat.completions.create(model=MODEL, messages=user("Paris"), max_tokens=5, stream=True,
                                            extra_body={"ignore_eos": True})
     long = client.chat.completions.create(model=MODEL, messages=user("fox"), max_tokens=1000, stream=True,
                                           extra_body={"ignore_eos": True})

@@ -121,7 +121,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
 
 
-_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+# GPT-2's printable stand-ins for bytes, inverted: a byte-level token's spelling -> its raw bytes
+UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
 
 
 class Tokenizer:
@@ -279,8 +280,8 @@ class IncrementalDecoder:
                 raise ValueError(f"token id {token_id} is not in the vocabulary (size {self.tokenizer.vocab_size})")
             # tokenizers' ByteLevel decoder: every character mapped back to its byte, or, when some character
             # is not a byte stand-in (e.g. the fullwidth bars of DeepSeek's control tokens), the raw UTF-8.
-            if all(c in _UNICODE_TO_BYTE for c in token):
-                cached = bytes(_UNICODE_TO_BYTE[c] for c in token)
+            if all(c in UNICODE_TO_BYTE for c in token):
+                cached = bytes(UNICODE_TO_BYTE[c] for c in token)
             else:
                 cached = token.encode("utf-8")
             self._bytes[token_id] = cached

@@ -8,12 +8,20 @@ so one continuous batch. What a caller can rely on:
 - leaving `generate` early in any way (breaking out, closing the generator, cancelling the task, even
   before the first delta) aborts the request, which frees its cache blocks at once;
 - `stats()` is refreshed after every step and every batch of commands (an abort included);
-- `is_running` / `errored` / `dead_error` say whether the engine loop is alive (the server's /health).
+- `is_running` / `errored` / `dead_error` say whether the engine loop is alive (the server's /health);
+- one request failing inside the engine ends that request (its stream's last deltas have finish_reason
+  "error"); only an engine that fails with no request to blame ends the loop, which is logged and reported
+  (`dead_error`) to every open stream as EngineDeadError; the server then exits with an error;
+- `generate_many` submits several requests as one unit: all are admitted or all are refused. The queue limit
+  counts what cannot start at once: a unit is refused with QueueFullError only while the waiting requests plus
+  the unit would exceed `max_waiting` plus the free running slots, and with ValueError (never admissible) when
+  it is larger than `max_waiting + max_num_seqs` even on an idle engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import uuid
@@ -24,6 +32,9 @@ from typing import Any
 from r1forge.engine.llm import LLM
 from r1forge.engine.outputs import StreamDelta
 from r1forge.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+_Add = tuple[str | list[int], SamplingParams, str]  # (prompt, params, request id) of one request of a unit
 
 
 class QueueFullError(RuntimeError):
@@ -90,6 +101,7 @@ class AsyncLLM:
                 self._deliver(self.engine.step())
                 self._stats = self.engine.stats()
         except BaseException as e:  # an engine bug must not leave clients hanging forever
+            logger.error("the engine loop failed; it takes no more requests", exc_info=e)
             self._error = e
             for rid in list(self._streams):
                 self._send(rid, e)
@@ -109,21 +121,38 @@ class AsyncLLM:
                 return count
             count += 1
             if kind == "add":
-                prompt, params, rid, fut = payload
-                if not fut.set_running_or_notify_cancel():  # the caller gave up before the engine got to it
-                    continue
-                try:
-                    waiting = len(self.engine.scheduler.waiting)
-                    if waiting >= self.max_waiting:
-                        raise QueueFullError(f"{waiting} requests are already waiting; try again later")
-                    self.engine.add_request(prompt, params, rid)
-                    fut.set_result(rid)
-                except BaseException as e:
-                    self._streams.pop(rid, None)
-                    fut.set_exception(e)
+                self._add(*payload)
             elif kind == "abort":
                 self._deliver(self.engine.abort(payload))  # a final "abort" delta for each unfinished completion
                 self._end(payload)
+
+    def _add(self, requests: list[_Add], fut: Future) -> None:
+        """Admit a unit of requests, all or none (see the module docstring)."""
+        if not fut.set_running_or_notify_cancel():  # the caller gave up before the engine got to it
+            return
+        added: list[str] = []
+        try:
+            self._check_room(len(requests))
+            for prompt, params, rid in requests:
+                self.engine.add_request(prompt, params, rid)
+                added.append(rid)
+            fut.set_result(None)
+        except BaseException as e:
+            for rid in added:
+                self.engine.abort(rid)  # never stepped: nothing to deliver
+            for _, _, rid in requests:
+                self._streams.pop(rid, None)
+            fut.set_exception(e)
+
+    def _check_room(self, count: int) -> None:
+        scheduler = self.engine.scheduler
+        most = self.max_waiting + scheduler.max_num_seqs
+        if count > most:
+            raise ValueError(f"{count} prompts in one request, but this server takes at most {most} at once "
+                             f"({self.max_waiting} waiting + {scheduler.max_num_seqs} running)")
+        room = self.max_waiting + max(0, scheduler.max_num_seqs - len(scheduler.running))
+        if len(scheduler.waiting) + count > room:
+            raise QueueFullError(f"{len(scheduler.waiting)} requests are already waiting; try again later")
 
     def _refuse_commands(self) -> None:
         """After the loop ended: fail the adds still queued, whose callers would otherwise wait forever."""
@@ -133,8 +162,9 @@ class AsyncLLM:
             except queue.Empty:
                 return
             if kind == "add":
-                _, _, rid, fut = payload
-                self._streams.pop(rid, None)
+                requests, fut = payload
+                for _, _, rid in requests:
+                    self._streams.pop(rid, None)
                 if fut.set_running_or_notify_cancel():
                     fut.set_exception(EngineDeadError(f"engine is not running: {self._error!r}"))
 
@@ -189,20 +219,38 @@ class AsyncLLM:
                        request_id: str | None = None) -> AsyncIterator[StreamDelta]:
         """Stream the deltas of every completion of one request; raises ValueError for invalid input,
         QueueFullError when too many requests wait, EngineDeadError when the engine is not running."""
-        rid = request_id or f"req-{uuid.uuid4().hex}"
+        ((rid, q, fut),) = self._submit([(prompt, params, request_id)])
+        async for delta in self._stream(rid, q, fut):
+            yield delta
+
+    def generate_many(self, requests: list[tuple[str | list[int], SamplingParams, str | None]]
+                      ) -> list[AsyncIterator[StreamDelta]]:
+        """Submit requests as one unit, all admitted or all refused (module docstring); one stream each, which
+        raises what `generate` raises. Call from the event loop that reads the streams."""
+        return [self._stream(rid, q, fut) for rid, q, fut in self._submit(requests)]
+
+    def _submit(self, requests: list[tuple[str | list[int], SamplingParams, str | None]]
+                ) -> list[tuple[str, asyncio.Queue, Future]]:
         loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        fut: Future = Future()
+        fut: Future = Future()  # the unit's admission
+        unit: list[_Add] = [(prompt, params, rid or f"req-{uuid.uuid4().hex}") for prompt, params, rid in requests]
+        out = [(rid, asyncio.Queue(), fut) for _, _, rid in unit]
         with self._lock:
             if self._error is not None or self._closed:
                 raise EngineDeadError(f"engine is not running: {self._error!r}")
             if self._stopping:
                 raise EngineDeadError("engine is shutting down")
-            if rid in self._streams:
-                raise ValueError(f"request id {rid!r} is already in use")
-            self._streams[rid] = (loop, q)
-            self._commands.put(("add", (prompt, params, rid, fut)))
+            rids = [rid for _, _, rid in unit]
+            taken = [rid for rid in rids if rid in self._streams] or [r for r in set(rids) if rids.count(r) > 1]
+            if taken:
+                raise ValueError(f"request id {taken[0]!r} is already in use")
+            for rid, q, _ in out:
+                self._streams[rid] = (loop, q)
+            self._commands.put(("add", (unit, fut)))
         self._wake.set()
+        return out
+
+    async def _stream(self, rid: str, q: asyncio.Queue, fut: Future) -> AsyncIterator[StreamDelta]:
         finished = False
         try:
             await asyncio.wrap_future(fut)

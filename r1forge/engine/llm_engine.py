@@ -3,6 +3,12 @@
 The engine is synchronous and single-threaded; `LLM` drives it for offline use and `AsyncLLM` runs it on
 a background thread for the server. Flow per step: scheduler -> model runner (one forward over every
 scheduled sequence) -> forks for n > 1 -> sampler -> stop checks -> deltas.
+
+One request cannot stop the others: an exception while sampling or appending for one request ends that request
+with finish_reason "error" (and the message in `error`) and the step goes on for the rest. When the batched
+sampler raises, each row is sampled alone to find the request(s) to blame; if no row fails alone, or the
+forward itself fails (it depends only on token ids, checked when the request was added), the engine is broken
+and `step` raises.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence] = field(default_factory=list)
     emitted: dict[int, int] = field(default_factory=dict)  # completion index -> chars of text already streamed
+    error: str | None = None  # set when processing the request raised; its completions end with "error"
 
     @property
     def finished(self) -> bool:
@@ -87,6 +94,7 @@ class LLMEngine:
         pool_tokens = self.block_manager.num_blocks * self.block_manager.block_size
         if len(token_ids) + 1 > pool_tokens:
             raise ValueError(f"prompt of {len(token_ids)} tokens does not fit the KV-cache pool ({pool_tokens} tokens)")
+        params.check_vocab(vocab)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -158,10 +166,49 @@ class LLMEngine:
                     rows.append(i)
                     group.append(child)
                 seq.pending_forks = 0
-        result = sample(logits[rows], group)
+        deltas += self._sample(logits[rows], group)
+        return deltas
+
+    def _sample(self, logits: torch.Tensor, group: list[Sequence]) -> list[StreamDelta]:
+        """Sample and append one token per row; a request whose row raises ends with an error (module docstring).
+        Rows sampled again alone after a batch failure may draw differently from an undisturbed batch (the
+        failed attempt may have consumed seeded generators); that happens only when a request failed."""
+        deltas: list[StreamDelta] = []
+        try:
+            result = sample(logits, group)
+            rows = [(result.token_ids[j], result.logprobs[j], result.top_logprobs[j]) for j in range(len(group))]
+        except Exception as batch_error:
+            rows = []
+            for j, seq in enumerate(group):
+                try:
+                    one = sample(logits[j : j + 1], [seq])
+                    rows.append((one.token_ids[0], one.logprobs[0], one.top_logprobs[0]))
+                except Exception as e:
+                    rows.append(None)
+                    deltas += self.fail(seq.request_id, e)
+            if not deltas:  # no request to blame
+                raise batch_error
         now = time.monotonic()
-        for j, seq in enumerate(group):
-            deltas += self._append(seq, result.token_ids[j], result.logprobs[j], result.top_logprobs[j], now)
+        for seq, row in zip(group, rows):
+            if row is None or seq.is_finished:  # its request failed this step
+                continue
+            try:
+                deltas += self._append(seq, *row, now)
+            except Exception as e:  # detokenizer, stop strings: this request's own state
+                deltas += self.fail(seq.request_id, e)
+        return deltas
+
+    def fail(self, request_id: str, error: BaseException) -> list[StreamDelta]:
+        """End a request because processing it raised: its unfinished completions finish with reason "error" and
+        `error` says why; their blocks return to the pool. Unlike `abort`, the request stays until popped."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return []
+        req.error = f"{type(error).__name__}: {error}"
+        deltas = []
+        for seq in list(req.seqs):
+            if not seq.is_finished:
+                deltas += self._finish(seq, "error", None, [])
         return deltas
 
     def _append(self, seq: Sequence, token: int, logprob: float, top: dict[int, float] | None,
@@ -218,6 +265,7 @@ class LLMEngine:
             logprobs=seq.logprobs[-n:] if seq.params.logprobs is not None and n else [],
             top_logprobs=seq.top_logprobs[-n:] if seq.params.logprobs and n else [],
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+            error=req.error if seq.finish_reason == "error" else None,
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
         )
 
@@ -250,6 +298,7 @@ class LLMEngine:
                 logprobs=list(seq.logprobs) if lp else None,
                 top_logprobs=list(seq.top_logprobs) if lp and seq.params.logprobs else None,
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                error=req.error if seq.finish_reason == "error" else None,
             ))
         cached = req.seqs[0].num_cached_prompt_tokens if req.seqs else 0
         return RequestOutput(request_id, req.prompt, req.prompt_token_ids, outs, req.finished, cached)

@@ -12,8 +12,9 @@ class CompletionOutput:
     text: str
     logprobs: list[float] | None  # of each sampled token, when SamplingParams.logprobs is not None
     top_logprobs: list[dict[int, float]] | None
-    finish_reason: str | None  # "stop" | "length" | "abort"
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    error: str | None = None  # why, when finish_reason is "error" (processing this request raised)
 
 
 @dataclass
@@ -55,5 +56,6 @@ class StreamDelta:
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    error: str | None = None  # why, when finish_reason is "error"
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0

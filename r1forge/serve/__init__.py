@@ -12,10 +12,11 @@ from typing import Any
 
 _EXPORTS = {
     "create_app": "r1forge.serve.app",
-    "ServerConfig": "r1forge.serve.server",
+    "ServerConfig": "r1forge.serve.config",
     "BackgroundServer": "r1forge.serve.server",
     "build_engine": "r1forge.serve.server",
-    "sampling_defaults": "r1forge.serve.server",
+    "sampling_defaults": "r1forge.serve.config",
+    "chat_template_file": "r1forge.serve.config",
     "serve": "r1forge.serve.server",
 }
 

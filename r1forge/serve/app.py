@@ -1,17 +1,19 @@
 """The FastAPI app of `r1forge serve`: OpenAI's chat and completions endpoints over one shared engine.
 
 Every HTTP request becomes one engine request per prompt (n completions each), all in the engine's one
-continuous batch (their lifetime, disconnects included, is `EngineRun`'s, in server.py). What the app adds:
+continuous batch (their lifetime, disconnects included, is `EngineRun`'s, in engine_run.py). What the app adds:
+- at startup: the chat template compiled and test-rendered and the sampling defaults checked, so a broken
+  checkpoint refuses to start naming the file instead of failing every request;
 - request side: bearer-key check (every route but /health), body size limit (Content-Length and the bytes
-  actually received), strict validation with OpenAI error objects naming the parameter, the chat template,
-  context and server limits;
-- response side: the `<think>` block into `reasoning_content` (also when the template already opened it),
-  DeepSeek-V3 tool calls into `tool_calls`, logprobs, usage with reasoning tokens, SSE framing.
+  actually received) and body timeout, strict validation with OpenAI error objects naming the parameter, the
+  chat template (its errors name it), context and server limits;
+- response side (choices.py): the `<think>` block into `reasoning_content`, DeepSeek-V3 tool calls into
+  `tool_calls`, logprobs, usage with reasoning tokens; SSE framing.
 """
 
 from __future__ import annotations
 
-import re
+import asyncio
 import secrets
 import time
 from collections.abc import Callable
@@ -24,21 +26,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from r1forge.engine.async_llm import AsyncLLM
-from r1forge.engine.outputs import StreamDelta
-from r1forge.engine.sampling_params import SamplingParams
+from r1forge.engine.sampling_params import SamplingParamError, SamplingParams
+from r1forge.serve.choices import ChatChoiceState, TextChoiceState, TokenText
+from r1forge.serve.config import ServerConfig
+from r1forge.serve.engine_run import ClientGone, EngineRun, Job, Refused, SSEResponse, unless_disconnected
 from r1forge.serve.metrics import ServerMetrics
 from r1forge.serve.protocol import (
-    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-    ChatResponseMessage, ChoiceLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest,
-    CompletionResponse, DeltaMessage, DeltaToolCall, ModelCard, ModelList, ResponseToolCall, TokenLogprob,
-    TopLogprob, Usage, api_error, effective_max_tokens, format_validation_error, new_id, sse, validate_limits,
+    ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionChoice,
+    CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage, api_error, effective_max_tokens,
+    format_validation_error, new_id, sse, validate_limits,
 )
-from r1forge.data.tokenizer import _UNICODE_TO_BYTE
-from r1forge.serve.reasoning import ReasoningStreamParser, prompt_opens_think
-from r1forge.serve.server import (
-    ClientGone, EngineRun, Job, Refused, ServerConfig, SSEResponse, unless_disconnected,
-)
-from r1forge.serve.tool_calls import ToolCallDelta, ToolCallStreamParser, parse_tool_calls
+from r1forge.serve.reasoning import prompt_opens_think
 
 ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"})
 _RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "tools", "tool_choice", "tokenize"})
@@ -86,9 +84,9 @@ class _Guard:
             self.metrics.record_request(scope["path"] if scope["path"] in ENDPOINTS else "other", status)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 past `limit` bytes: by its Content-Length, or as the bytes arrive (chunked
-    uploads and lying headers)."""
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The body, refused with 413 past `limit` bytes (by its Content-Length, or as the bytes arrive: chunked
+    uploads and lying headers) and with 408 when it has not all arrived within `timeout` seconds."""
     too_large = Refused.of(413, f"Request body is larger than this server's limit of {limit} bytes.",
                            code="request_too_large")
     declared = request.headers.get("content-length")
@@ -97,192 +95,48 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise Refused.of(400, f"Invalid Content-Length header {declared!r}.")
         if int(declared) > limit:
             raise too_large
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise Refused.of(408, f"The request body did not arrive within {timeout:g} seconds.",
+                         code="request_timeout") from None
 
 
-async def _parse(request: Request, model: type[_M], limit: int) -> _M:
-    body = await _read_body(request, limit)
+async def _parse(request: Request, model: type[_M], config: ServerConfig) -> _M:
+    body = await _read_body(request, config.max_body_bytes, config.body_timeout)
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
         raise Refused(400, format_validation_error(e)) from None
 
 
-# ---------------------------------------------------------------- response side
-
-_BYTE_OF = _UNICODE_TO_BYTE  # GPT-2's printable stand-ins for bytes, inverted
-
-
-class TokenText:
-    """Text and raw UTF-8 bytes of single tokens, for logprobs. A token that is part of a character decodes to
-    U+FFFD, so its bytes come from the byte-level spelling, as OpenAI's `bytes` field intends."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.byte_level = bool(getattr(tokenizer, "byte_level", False))
-        self._cache: dict[int, tuple[str, list[int]]] = {}
-
-    def __call__(self, token_id: int) -> tuple[str, list[int]]:
-        hit = self._cache.get(token_id)
-        if hit is None:
-            text = self.tokenizer.decode([token_id])
-            raw = text.encode("utf-8")
-            piece = self.tokenizer.id_to_token(token_id) if self.byte_level else None
-            if piece and all(c in _BYTE_OF for c in piece):
-                raw = bytes(_BYTE_OF[c] for c in piece)
-            hit = self._cache[token_id] = (text, list(raw))
-        return hit
-
-    def chat_logprobs(self, delta: StreamDelta) -> list[TokenLogprob]:
-        out = []
-        for j, (token_id, logprob) in enumerate(zip(delta.token_ids, delta.logprobs)):
-            text, raw = self(token_id)
-            tops = delta.top_logprobs[j] if j < len(delta.top_logprobs) else {}
-            out.append(TokenLogprob(token=text, logprob=logprob, bytes=raw, top_logprobs=[
-                TopLogprob(token=self(t)[0], logprob=lp, bytes=self(t)[1]) for t, lp in tops.items()]))
-        return out
-
-
-def _merge_tool_deltas(deltas: list[ToolCallDelta]) -> list[ToolCallDelta]:
-    """Join consecutive argument pieces of the same call (feed's and finish's output in one chunk)."""
-    out: list[ToolCallDelta] = []
-    for d in deltas:
-        if out and out[-1].index == d.index and d.id is None:
-            out[-1].arguments += d.arguments
-        else:
-            out.append(d)
-    return out
-
-
-class _ChatChoice:
-    """One chat completion as it is generated: reasoning split, tool calls, token counts, logprobs.
-
-    Streaming parses tool calls incrementally (ToolCallStreamParser); a complete response parses the whole
-    content once (parse_tool_calls), so a malformed call comes back as text rather than as a broken call.
-    """
-
-    def __init__(self, index: int, prompt_opened_think: bool, tools: bool, stream: bool,
-                 token_text: TokenText | None) -> None:
-        self.index = index
-        self.reasoning = ReasoningStreamParser(prompt_opened_think)
-        self.tools = tools
-        self.tool_parser = ToolCallStreamParser() if tools and stream else None
-        self.token_text = token_text
-        self.reasoning_parts: list[str] = []
-        self.content_parts: list[str] = []
-        self.logprobs: list[TokenLogprob] = []
-        self.num_tokens = self.num_reasoning_tokens = 0
-        self.finish_reason: str | None = None
-
-    def feed(self, delta: StreamDelta) -> tuple[str, str, list[ToolCallDelta], list[TokenLogprob]]:
-        """(reasoning, content, tool call deltas, logprobs) that this delta settles."""
-        finishing = delta.finish_reason is not None
-        was_reasoning = self.reasoning.in_reasoning
-        reasoning, content = self.reasoning.feed(delta.text)
-        if finishing:
-            r, c = self.reasoning.finish()
-            reasoning, content = reasoning + r, content + c
-        if was_reasoning or self.reasoning.in_reasoning:  # the </think> token counts as reasoning
-            self.num_reasoning_tokens += len(delta.token_ids)
-        self.num_tokens += len(delta.token_ids)
-        calls: list[ToolCallDelta] = []
-        if self.tool_parser is not None:
-            content, calls = self.tool_parser.feed(content)
-            if finishing:
-                c, more = self.tool_parser.finish()
-                content, calls = content + c, _merge_tool_deltas(calls + more)
-        self.reasoning_parts.append(reasoning)
-        self.content_parts.append(content)
-        logprobs = self.token_text.chat_logprobs(delta) if self.token_text is not None else []
-        self.logprobs.extend(logprobs)
-        if finishing:
-            called = self.tool_parser is not None and self.tool_parser.has_tool_calls
-            self.finish_reason = "tool_calls" if called else delta.finish_reason
-        return reasoning, content, calls, logprobs
-
-    def opening(self) -> ChatChunkChoice:
-        return ChatChunkChoice(index=self.index, delta=DeltaMessage(role="assistant", content=""))
-
-    def chunks(self, delta: StreamDelta) -> list[ChatChunkChoice]:
-        """The stream chunk(s) of one delta: its text, calls and logprobs, then the finish reason."""
-        reasoning, content, calls, logprobs = self.feed(delta)
-        out = []
-        if reasoning or content or calls or logprobs:
-            message = DeltaMessage(reasoning_content=reasoning or None, content=content or None,
-                                   tool_calls=[DeltaToolCall.model_validate(c.to_openai()) for c in calls] or None)
-            out.append(ChatChunkChoice(index=self.index, delta=message,
-                                       logprobs=ChoiceLogprobs(content=logprobs) if logprobs else None))
-        if self.finish_reason is not None:
-            out.append(ChatChunkChoice(index=self.index, delta=DeltaMessage(), finish_reason=self.finish_reason))
-        return out
-
-    def choice(self) -> ChatChoice:
-        """The complete choice (non-streaming)."""
-        content, calls = "".join(self.content_parts), []
-        if self.tools:
-            content, calls = parse_tool_calls(content)
-        message = ChatResponseMessage(
-            content=content if content or not calls else None,
-            reasoning_content="".join(self.reasoning_parts) if self.reasoning.has_reasoning else None,
-            tool_calls=[ResponseToolCall.model_validate(c.to_openai()) for c in calls] or None)
-        logprobs = ChoiceLogprobs(content=self.logprobs) if self.token_text is not None else None
-        return ChatChoice(index=self.index, message=message, logprobs=logprobs,
-                          finish_reason="tool_calls" if calls else self.finish_reason)
-
-
-class _TextChoice:
-    """One legacy completion as it is generated: text (after the echoed prompt) and parallel-list logprobs."""
-
-    def __init__(self, index: int, echo: str, token_text: TokenText | None) -> None:
-        self.index, self.echo, self.token_text = index, echo, token_text
-        self.parts: list[str] = [echo]
-        self.offset = len(echo)
-        self.logprobs = CompletionLogprobs() if token_text is not None else None
-        self.num_tokens = 0
-        self.finish_reason: str | None = None
-
-    def feed(self, delta: StreamDelta) -> CompletionLogprobs | None:
-        """Take one delta; returns its logprobs (with the sampled token among the top ones, as vLLM does)."""
-        self.num_tokens += len(delta.token_ids)
-        self.parts.append(delta.text)
-        if delta.finish_reason is not None:
-            self.finish_reason = delta.finish_reason
-        if self.token_text is None or self.logprobs is None:
-            return None
-        piece = CompletionLogprobs()
-        for j, (token_id, logprob) in enumerate(zip(delta.token_ids, delta.logprobs)):
-            text = self.token_text(token_id)[0]
-            tops = {text: logprob}
-            if j < len(delta.top_logprobs):
-                tops.update({self.token_text(t)[0]: lp for t, lp in delta.top_logprobs[j].items()})
-            piece.tokens.append(text)
-            piece.token_logprobs.append(logprob)
-            piece.top_logprobs.append(tops)
-            piece.text_offset.append(self.offset)
-            self.offset += len(text)
-        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-            getattr(self.logprobs, name).extend(getattr(piece, name))
-        return piece
-
-    def opening(self) -> CompletionChoice | None:
-        return CompletionChoice(index=self.index, text=self.echo) if self.echo else None
-
-    def chunks(self, delta: StreamDelta) -> list[CompletionChoice]:
-        logprobs = self.feed(delta)
-        if not delta.text and logprobs is None and self.finish_reason is None:
-            return []
-        return [CompletionChoice(index=self.index, text=delta.text, logprobs=logprobs,
-                                 finish_reason=self.finish_reason)]
-
-    def choice(self) -> CompletionChoice:
-        return CompletionChoice(index=self.index, text="".join(self.parts), logprobs=self.logprobs,
-                                finish_reason=self.finish_reason)
+def _check_served(engine: AsyncLLM, config: ServerConfig) -> str:
+    """At startup: the sampling defaults fit the model and the chat template compiles and renders a one-message
+    conversation; a ValueError naming the file otherwise. Returns the template's name for request errors."""
+    template = config.chat_template_file or "the tokenizer's chat template"
+    try:
+        SamplingParams(**config.default_sampling).check_vocab(engine.llm.model.config.vocab_size)
+    except SamplingParamError as e:
+        raise ValueError(f"the server's sampling defaults (generation_config.json): {e}") from None
+    if getattr(engine.tokenizer, "chat_template", None) is None:
+        return template
+    try:
+        engine.tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
+                                             tokenize=False)
+    except Exception as e:  # a syntax error, the sandbox's limits, an undefined name: the template is broken
+        raise ValueError(f"{template}: the chat template cannot render a one-message conversation "
+                         f"({type(e).__name__}: {e})") from None
+    return template
 
 
 # ---------------------------------------------------------------- routes
@@ -294,8 +148,8 @@ def _json(model: BaseModel, status: int = 200) -> Response:
 class _Handlers:
     """The two generation endpoints; everything they share (engine, limits, metrics) lives here."""
 
-    def __init__(self, engine: AsyncLLM, config: ServerConfig, metrics: ServerMetrics) -> None:
-        self.engine, self.config, self.metrics = engine, config, metrics
+    def __init__(self, engine: AsyncLLM, config: ServerConfig, metrics: ServerMetrics, template: str) -> None:
+        self.engine, self.config, self.metrics, self.template = engine, config, metrics, template
         self.tokenizer = engine.tokenizer
         self.token_text = TokenText(engine.tokenizer)
 
@@ -317,9 +171,8 @@ class _Handlers:
         kwargs = {**self.config.default_sampling, **req.sampling_kwargs(), "max_tokens": max_tokens}
         try:
             params = SamplingParams(**kwargs)
-        except ValueError as e:
-            name = re.search(r"SamplingParams\.(\w+)", str(e))
-            raise Refused.of(400, str(e), param=name.group(1) if name else None) from None
+        except SamplingParamError as e:
+            raise Refused.of(400, str(e), param=e.param) from None
         return Job(request_id, prompt_ids, params, prompt_text)
 
     def _render(self, req: ChatCompletionRequest) -> str:
@@ -336,8 +189,9 @@ class _Handlers:
         try:
             return self.tokenizer.apply_chat_template(req.template_messages(), add_generation_prompt=True,
                                                       tools=tools, tokenize=False, **kwargs)
-        except (ValueError, TypeError) as e:
-            raise Refused.of(400, f"Cannot apply the chat template: {e}", param="messages") from None
+        except Exception as e:  # it rendered at startup, so what fails now depends on these messages
+            raise Refused.of(400, f"Cannot apply the chat template ({self.template}) to these messages: "
+                                  f"{type(e).__name__}: {e}", param="messages", code="chat_template_error") from None
 
     async def _respond(self, request: Request, run: EngineRun, states: list[Any], stream: bool,
                        complete: Callable[[], BaseModel], chunk: Callable[..., str],
@@ -349,7 +203,7 @@ class _Handlers:
         return SSEResponse(run.events(states, chunk, usage), run)
 
     async def chat(self, request: Request) -> Response:
-        req = await _parse(request, ChatCompletionRequest, self.config.max_body_bytes)
+        req = await _parse(request, ChatCompletionRequest, self.config)
         self._check_model(req.model)
         prompt = self._render(req)
         ids = self.tokenizer.encode(prompt)
@@ -358,7 +212,7 @@ class _Handlers:
         run = EngineRun(self.engine, [self._job(req, rid, ids, prompt)], self.metrics, "messages")
         token_text = self.token_text if req.logprobs else None
         opened = prompt_opens_think(prompt)
-        states = [_ChatChoice(i, opened, req.uses_tools, req.stream, token_text) for i in range(req.n)]
+        states = [ChatChoiceState(i, opened, req.uses_tools, req.stream, token_text) for i in range(req.n)]
 
         def usage() -> Usage:
             return Usage.of(len(ids), sum(s.num_tokens for s in states), sum(s.num_reasoning_tokens for s in states))
@@ -374,7 +228,7 @@ class _Handlers:
                                    usage if req.include_usage else None)
 
     async def completions(self, request: Request) -> Response:
-        req = await _parse(request, CompletionRequest, self.config.max_body_bytes)
+        req = await _parse(request, CompletionRequest, self.config)
         self._check_model(req.model)
         if req.echo and req.logprobs is not None:
             raise Refused.of(400, "echo together with logprobs is not supported: it needs the prompt's logprobs, "
@@ -394,7 +248,7 @@ class _Handlers:
         jobs = [self._job(req, f"{rid}-{j}", ids, text) for j, (ids, text) in enumerate(prompts)]
         run = EngineRun(self.engine, jobs, self.metrics, "prompt")
         token_text = self.token_text if req.logprobs is not None else None
-        states = [_TextChoice(j * req.n + i, job.prompt_text if req.echo else "", token_text)
+        states = [TextChoiceState(j * req.n + i, job.prompt_text if req.echo else "", token_text)
                   for j, job in enumerate(jobs) for i in range(req.n)]
 
         def usage() -> Usage:
@@ -414,12 +268,14 @@ class _Handlers:
 def create_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
     """The OpenAI-compatible app over a running engine (its tokenizer needs a chat template for chat).
 
-    The caller owns the engine: `serve` / `BackgroundServer` shut it down.
+    The caller owns the engine: `serve` / `BackgroundServer` shut it down. Raises ValueError, naming the file,
+    when what it would serve is broken (see `_check_served`).
     """
     if engine.tokenizer is None:
         raise ValueError("the engine has no tokenizer: the server needs one for text prompts and the chat template")
+    template = _check_served(engine, config)
     metrics = ServerMetrics(config.model_name, engine.stats)
-    handlers = _Handlers(engine, config, metrics)
+    handlers = _Handlers(engine, config, metrics, template)
     app = FastAPI(title="r1forge", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.config, app.state.metrics = engine, config, metrics
     app.add_middleware(_Guard, api_key=config.api_key, metrics=metrics)
