@@ -18,6 +18,7 @@ from typing import Any
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 ROPE_TYPES = ("default", "yarn")
+DEEPSEEK_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 
 
 @dataclass
@@ -113,6 +114,10 @@ class ModelConfig:
         def bad(key: str, msg: str) -> ValueError:
             return ValueError(f"ModelConfig: invalid `{key}`: {msg}")
 
+        if self.model_type not in DEEPSEEK_MODEL_TYPES:
+            hint = " (a dense model: read it with r1forge.auto_config.config_from_dict or DenseConfig)" \
+                if self.model_type in ("qwen2", "llama") else ""
+            raise bad("model_type", f"expected one of {DEEPSEEK_MODEL_TYPES}, got {self.model_type!r}{hint}")
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                     "qk_rope_head_dim", "v_head_dim"):
             value = getattr(self, key)
@@ -246,6 +251,9 @@ class ModelConfig:
 
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+        if PRESETS[name].get("model_type", "deepseek_v3") not in DEEPSEEK_MODEL_TYPES:
+            raise ValueError(f"preset {name!r} is a {PRESETS[name]['model_type']} model, not DeepSeek: use "
+                             f"r1forge.auto_config.config_from_preset")
         return cls.from_dict({**PRESETS[name], **overrides})
 
     def replace(self, **changes: Any) -> "ModelConfig":
