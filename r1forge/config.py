@@ -13,7 +13,10 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from r1forge.model.cache_spec import CacheSpec
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
@@ -69,6 +72,12 @@ class ModelConfig:
     def latent_dim(self) -> int:
         """d_c + d_h^R: what MLA caches per token and layer (the compressed KV latent and the shared rope key)."""
         return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def cache_spec(self) -> "CacheSpec":
+        """MLA caches one latent row per token and layer: c_kv and the shared rope key (C + R numbers)."""
+        from r1forge.model.cache_spec import CacheSpec
+
+        return CacheSpec("mla", self.num_hidden_layers, (self.latent_dim,))
 
     @property
     def qk_head_dim(self) -> int:

@@ -17,7 +17,10 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from r1forge.model.cache_spec import CacheSpec
 
 DENSE_MODEL_TYPES = ("qwen2", "llama")
 DENSE_ROPE_TYPES = ("default", "linear", "llama3")
@@ -81,6 +84,12 @@ class DenseConfig:
     @property
     def is_moe(self) -> bool:
         return False
+
+    def cache_spec(self) -> "CacheSpec":
+        """GQA caches each kv head's key and value: (2, H_kv, head_dim) per token and layer."""
+        from r1forge.model.cache_spec import CacheSpec
+
+        return CacheSpec("gqa", self.num_hidden_layers, (2, self.num_key_value_heads, self.head_dim))
 
     num_nextn_predict_layers = 0  # no multi-token prediction modules (read by the checkpoint code)
 

@@ -159,3 +159,23 @@ def test_deepseek_config_refuses_dense_model_types() -> None:
     with pytest.raises(ValueError, match="config_from_preset"):
         ModelConfig.from_preset("deepseek-r1-distill-qwen-7b")
     assert isinstance(config_from_dict({}), ModelConfig)  # DeepSeek's configs before model_type existed
+
+
+def test_info_reports_parameters_and_gqa_cache(tmp_path, capsys) -> None:
+    from r1forge.cli import main
+
+    assert main(["info", "--preset", "deepseek-r1-distill-qwen-1.5b"]) == 0
+    out = capsys.readouterr().out
+    assert "1.78B (1,777,088,000)" in out and "GQA, 12 query heads sharing 2 kv heads" in out
+    # 2 kv heads x (k + v) x 128 x 28 layers x 2 bytes
+    assert f"{2 * 2 * 128 * 28 * 2:,} B" in out
+    assert main(["info", "--preset", "deepseek-r1-distill-llama-8b"]) == 0
+    assert "8.03B" in capsys.readouterr().out
+    source = make_dense_checkpoint(tmp_path / "hf", "llama")
+    assert main(["info", str(source)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("llama model") and "llama3 x8 over 64 positions" in out and "safetensors file" in out
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert main(["info", str(tmp_path / "bad")]) == 2
+    assert "model_type" in capsys.readouterr().err

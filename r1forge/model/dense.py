@@ -134,8 +134,7 @@ class DenseForCausalLM(CausalLM):
 
     def cache_spec(self) -> CacheSpec:
         """GQA caches every kv head's key and value: (2, G, Dh) per token and layer."""
-        c = self.config
-        return CacheSpec("gqa", c.num_hidden_layers, (2, c.num_key_value_heads, c.head_dim))
+        return self.config.cache_spec()
 
     def moe_layers(self) -> list[nn.Module]:
         return []

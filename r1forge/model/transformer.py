@@ -110,7 +110,7 @@ class DeepseekForCausalLM(CausalLM):
 
     def cache_spec(self) -> CacheSpec:
         """MLA caches one latent row per token and layer: c_kv and the shared rope key (C + R numbers)."""
-        return CacheSpec("mla", self.config.num_hidden_layers, (self.config.latent_dim,))
+        return self.config.cache_spec()
 
     def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor,
                    positions: torch.Tensor | None = None) -> list[torch.Tensor]:
