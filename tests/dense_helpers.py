@@ -53,3 +53,45 @@ def make_dense_checkpoint(path: str | Path, family: str = "qwen2", seed: int = 0
     path.mkdir(parents=True, exist_ok=True)
     build_hf_dense(family, seed=seed, std=std, **overrides).save_pretrained(path)
     return path
+
+
+# DeepSeek-R1-Distill's chat template as its tokenizer_config.json ships it (the revision whose generation prompt
+# opens `<think>\n`): the R1 turn markers on top of the Qwen2.5 / Llama 3 vocabulary.
+R1_DISTILL_CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='') %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}{% set ns.system_prompt = message['content'] %}"
+    "{%- endif %}{%- endfor %}{{bos_token}}{{ns.system_prompt}}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{%- set ns.is_tool = false -%}{{'<｜User｜>' + message['content']}}{%- endif %}"
+    "{%- if message['role'] == 'assistant' and message['content'] is not none %}"
+    "{%- if ns.is_tool %}{{'<｜tool▁outputs▁end｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}"
+    "{%- set ns.is_tool = false -%}"
+    "{%- else %}{% set content = message['content'] %}{% if '</think>' in content %}"
+    "{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}{%- endif %}{%- endif %}"
+    "{%- if message['role'] == 'tool' %}{%- set ns.is_tool = true -%}{%- if ns.is_output_first %}"
+    "{{'<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}"
+    "{%- set ns.is_output_first = false %}{%- else %}"
+    "{{'\\n<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}{%- endif %}{%- endif %}"
+    "{%- endfor -%}{% if ns.is_tool %}{{'<｜tool▁outputs▁end｜>'}}{% endif %}"
+    "{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜><think>\\n'}}{% endif %}"
+)
+
+
+def make_r1_distill_tokenizer(directory: str | Path, texts: list[str], vocab_size: int = 420) -> Path:
+    """A byte-level BPE tokenizer.json plus an R1-Distill tokenizer_config.json (the fields the distills ship:
+    bos/eos as the R1 markers, add_bos_token, LlamaTokenizerFast, the chat template above)."""
+    import json
+
+    from r1forge.data import train_tokenizer
+    from r1forge.data.chat_template import BOS, EOS
+
+    directory = Path(train_tokenizer(None, directory, vocab_size=vocab_size, texts=texts))
+    config = {"add_bos_token": True, "add_eos_token": False, "bos_token": BOS, "eos_token": EOS, "pad_token": EOS,
+              "clean_up_tokenization_spaces": False, "legacy": True, "model_max_length": 16384,
+              "tokenizer_class": "LlamaTokenizerFast", "chat_template": R1_DISTILL_CHAT_TEMPLATE}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2))
+    for extra in directory.glob("chat_template.jinja"):
+        extra.unlink()
+    return directory
