@@ -176,6 +176,9 @@ class DenseConfig:
         if self.model_type == "qwen2":
             for key in ("attention_bias", "mlp_bias"):
                 out.pop(key)
+            for key in ("sliding_window", "max_window_layers"):  # transformers wants an int or no key at all
+                if out[key] is None:
+                    out.pop(key)
         else:
             for key in ("use_sliding_window", "sliding_window", "max_window_layers"):
                 out.pop(key)

@@ -100,11 +100,17 @@ def test_load_and_save_round_trip_through_transformers(tmp_path, family: str) ->
     assert written["model_type"] == family and written["architectures"] == [type(hf).__name__]
 
 
-def test_build_model_saves_a_checkpoint_transformers_reads(tmp_path) -> None:
+@pytest.mark.parametrize("raw", [
+    {"model_type": "qwen2", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512},  # only required keys
+    "tiny-llama",
+])
+def test_build_model_saves_a_checkpoint_transformers_reads(tmp_path, raw) -> None:
     import transformers
 
     torch.manual_seed(0)
-    model = build_model(config_from_preset("tiny-llama")).eval()
+    config = config_from_preset(raw) if isinstance(raw, str) else config_from_dict(raw)
+    model = build_model(config).eval()
     model.save_pretrained(tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 512, (2, 300), generator=torch.Generator().manual_seed(3))

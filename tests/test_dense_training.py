@@ -78,7 +78,7 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _qwen2_student_with_own_tokenizer(out: Path) -> Path:
     """A fresh tiny Qwen2 with a tokenizer of its own (fewer merges than the teacher's: different ids)."""
     texts = [m["content"] for ex in copy_examples(800, 0, held_out=False) for m in copy_messages(ex)]
-    train_tokenizer(None, out, vocab_size=270, texts=texts)
+    train_tokenizer(None, out, vocab_size=290, texts=texts)
     tok = load_tokenizer(out)
     torch.manual_seed(1)
     config = config_from_preset("tiny-qwen2", vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id,
