@@ -238,14 +238,9 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(raw)
+        from r1forge.auto_config import read_config_json
+
+        return cls.from_dict(read_config_json(path))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "ModelConfig":

@@ -23,6 +23,17 @@ from r1forge.model import CausalLM, build_model
 _TIED_TO_TEACHER = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
+def _check_overrides(cls: type, teacher: ModelConfig, overrides: dict[str, Any]) -> None:
+    """Every override a field of the student's config class; vocabulary and special ids the teacher's."""
+    known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    for key in overrides:
+        if key not in known:
+            raise ValueError(f"student override {key!r} is not a {cls.__name__} field")
+        if key in _TIED_TO_TEACHER and overrides[key] != getattr(teacher, key):
+            raise ValueError(f"student override {key!r}={overrides[key]!r}: the student shares the teacher's "
+                             f"tokenizer, so it must stay {getattr(teacher, key)!r}")
+
+
 def dense_student_config(teacher: ModelConfig, *, dense: bool = True, num_hidden_layers: int | None = None,
                          hidden_size: int | None = None, intermediate_size: int | None = None,
                          num_attention_heads: int | None = None, **overrides: Any) -> ModelConfig:
@@ -39,13 +50,7 @@ def dense_student_config(teacher: ModelConfig, *, dense: bool = True, num_hidden
     Returns:
         the student's ModelConfig, validated (a bad value raises ValueError naming the key).
     """
-    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
-    for key in overrides:
-        if key not in known:
-            raise ValueError(f"student override {key!r} is not a ModelConfig field")
-        if key in _TIED_TO_TEACHER and overrides[key] != getattr(teacher, key):
-            raise ValueError(f"student override {key!r}={overrides[key]!r}: the student shares the teacher's "
-                             f"tokenizer, so it must stay {getattr(teacher, key)!r}")
+    _check_overrides(ModelConfig, teacher, overrides)
     changes: dict[str, Any] = {"num_nextn_predict_layers": 0, **overrides}
     for key, value in (("num_hidden_layers", num_hidden_layers), ("hidden_size", hidden_size),
                        ("intermediate_size", intermediate_size), ("num_attention_heads", num_attention_heads)):
@@ -80,13 +85,7 @@ def other_architecture_student_config(teacher: ModelConfig, source: str, *, num_
 
     raw = dict(PRESETS[source]) if source in PRESETS else read_config_json(source)
     cls = DenseConfig if raw.get("model_type") in ("qwen2", "llama") else ModelConfig
-    known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-    for key in overrides:
-        if key not in known:
-            raise ValueError(f"student override {key!r} is not a {cls.__name__} field")
-        if key in _TIED_TO_TEACHER and overrides[key] != getattr(teacher, key):
-            raise ValueError(f"student override {key!r}={overrides[key]!r}: the student shares the teacher's "
-                             f"tokenizer, so it must stay {getattr(teacher, key)!r}")
+    _check_overrides(cls, teacher, overrides)
     if hidden_size is not None or num_attention_heads is not None:
         raw.pop("head_dim", None)  # derived again from the new width and head count
     for key, value in (("num_hidden_layers", num_hidden_layers), ("hidden_size", hidden_size),

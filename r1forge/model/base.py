@@ -54,6 +54,21 @@ class CausalLM(nn.Module):
         save_checkpoint(self, directory, max_shard_size=max_shard_size)
 
 
+class PreNormDecoderLayer(nn.Module):
+    """h = h + self_attn(input_layernorm(h)); h = h + mlp(post_attention_layernorm(h)). Subclasses build the four
+    modules (MLA or GQA attention, a dense FFN or DeepSeekMoE)."""
+
+    self_attn: nn.Module
+    mlp: nn.Module
+    input_layernorm: RMSNorm
+    post_attention_layernorm: RMSNorm
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                metadata: AttentionMetadata | None = None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, metadata)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
 @torch.no_grad()
 def init_normal_(module: nn.Module, std: float) -> None:
     """Normal(0, std) for every Linear and Embedding weight, zero biases, ones for RMSNorm weights."""

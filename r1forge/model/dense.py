@@ -20,7 +20,7 @@ from torch import nn
 
 from r1forge.dense_config import DenseConfig
 from r1forge.model.attention_metadata import AttentionMetadata
-from r1forge.model.base import CausalLM, init_normal_
+from r1forge.model.base import CausalLM, PreNormDecoderLayer, init_normal_
 from r1forge.model.cache_spec import CacheSpec
 from r1forge.model.moe import MLP
 from r1forge.model.norm import RMSNorm
@@ -82,7 +82,7 @@ class GroupedQueryAttention(nn.Module):
         return self.o_proj(out[metadata.query_valid].flatten(-2))  # [N,D]
 
 
-class DenseDecoderLayer(nn.Module):
+class DenseDecoderLayer(PreNormDecoderLayer):
     """h = h + GQA(norm(h)); h = h + SwiGLU(norm(h))."""
 
     def __init__(self, config: DenseConfig, layer_idx: int) -> None:
@@ -91,11 +91,6 @@ class DenseDecoderLayer(nn.Module):
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                metadata: AttentionMetadata | None = None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, metadata)
-        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class DenseModel(nn.Module):

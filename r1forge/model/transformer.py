@@ -13,7 +13,7 @@ from torch import nn
 
 from r1forge.config import ModelConfig
 from r1forge.model.attention_metadata import AttentionMetadata
-from r1forge.model.base import CausalLM, init_normal_
+from r1forge.model.base import CausalLM, PreNormDecoderLayer, init_normal_
 from r1forge.model.cache_spec import CacheSpec
 from r1forge.model.mla import ATTN_IMPLS, MultiHeadLatentAttention
 from r1forge.model.moe import MLP, DeepseekMoE, Router
@@ -21,7 +21,7 @@ from r1forge.model.norm import RMSNorm
 from r1forge.model.rope import RotaryEmbedding
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(PreNormDecoderLayer):
     """h = h + MLA(norm(h)); h = h + FFN(norm(h))."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
@@ -33,11 +33,6 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                metadata: AttentionMetadata | None = None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, metadata)
-        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class SharedHead(nn.Module):
