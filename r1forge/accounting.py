@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from r1forge.config import ModelConfig
+from r1forge.dense_config import DenseConfig
 
 
-def count_parameters(config: ModelConfig, include_mtp: bool = False) -> tuple[int, int]:
+def count_parameters(config: ModelConfig | DenseConfig, include_mtp: bool = False) -> tuple[int, int]:
     """(total, active per token) parameters of the main model (MTP excluded unless asked).
 
     Active = everything a token touches: embeddings and head, attention, dense FFNs, shared experts, the router,
@@ -19,13 +20,17 @@ def count_parameters(config: ModelConfig, include_mtp: bool = False) -> tuple[in
     numbers of `count_parameters_of` on the whole model, in a fraction of a second instead of seconds for V3.
     """
     from r1forge.model import DecoderLayer, MTPModule
+    from r1forge.model.dense import DenseDecoderLayer
 
     L, D, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
     blocks: dict[tuple[type, bool], list[int]] = {}  # (block class, is MoE) -> layer indices
-    for i in range(L):
-        blocks.setdefault((DecoderLayer, config.is_moe_layer(i)), []).append(i)
-    for i in range(L, L + (config.num_nextn_predict_layers if include_mtp else 0)):
-        blocks.setdefault((MTPModule, config.is_moe_layer(i)), []).append(i)
+    if isinstance(config, DenseConfig):  # every block alike, every parameter active, no MTP
+        blocks[(DenseDecoderLayer, False)] = list(range(L))
+    else:
+        for i in range(L):
+            blocks.setdefault((DecoderLayer, config.is_moe_layer(i)), []).append(i)
+        for i in range(L, L + (config.num_nextn_predict_layers if include_mtp else 0)):
+            blocks.setdefault((MTPModule, config.is_moe_layer(i)), []).append(i)
     with torch.device("meta"):
         parts = [(cls(config, idx[0]), len(idx)) for (cls, _), idx in blocks.items()]
     # embed_tokens [V, D], the final norm [D] and lm_head [V, D] unless tied, by hand: nn.Embedding's normal_

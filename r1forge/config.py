@@ -13,11 +13,15 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from r1forge.model.cache_spec import CacheSpec
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 ROPE_TYPES = ("default", "yarn")
+DEEPSEEK_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 
 
 @dataclass
@@ -69,6 +73,12 @@ class ModelConfig:
         """d_c + d_h^R: what MLA caches per token and layer (the compressed KV latent and the shared rope key)."""
         return self.kv_lora_rank + self.qk_rope_head_dim
 
+    def cache_spec(self) -> "CacheSpec":
+        """MLA caches one latent row per token and layer: c_kv and the shared rope key (C + R numbers)."""
+        from r1forge.model.cache_spec import CacheSpec
+
+        return CacheSpec("mla", self.num_hidden_layers, (self.latent_dim,))
+
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
@@ -113,6 +123,10 @@ class ModelConfig:
         def bad(key: str, msg: str) -> ValueError:
             return ValueError(f"ModelConfig: invalid `{key}`: {msg}")
 
+        if self.model_type not in DEEPSEEK_MODEL_TYPES:
+            hint = " (a dense model: read it with r1forge.auto_config.config_from_dict or DenseConfig)" \
+                if self.model_type in ("qwen2", "llama") else ""
+            raise bad("model_type", f"expected one of {DEEPSEEK_MODEL_TYPES}, got {self.model_type!r}{hint}")
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                     "qk_rope_head_dim", "v_head_dim"):
             value = getattr(self, key)
@@ -224,14 +238,9 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(raw)
+        from r1forge.auto_config import read_config_json
+
+        return cls.from_dict(read_config_json(path))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "ModelConfig":
@@ -246,6 +255,9 @@ class ModelConfig:
 
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+        if PRESETS[name].get("model_type", "deepseek_v3") not in DEEPSEEK_MODEL_TYPES:
+            raise ValueError(f"preset {name!r} is a {PRESETS[name]['model_type']} model, not DeepSeek: use "
+                             f"r1forge.auto_config.config_from_preset")
         return cls.from_dict({**PRESETS[name], **overrides})
 
     def replace(self, **changes: Any) -> "ModelConfig":

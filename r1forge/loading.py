@@ -1,4 +1,4 @@
-"""`load_model`: config.json + safetensors directory -> DeepseekForCausalLM, without a second copy in memory."""
+"""`load_model`: config.json + safetensors directory -> a model (DeepSeek or dense), without a second copy in memory."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ from pathlib import Path
 
 import torch
 
-from r1forge.config import ModelConfig
-from r1forge.model import DeepseekForCausalLM, keep_router_fp32
+from r1forge.auto_config import load_config
+from r1forge.model import CausalLM, keep_router_fp32, new_model
 
 
 def load_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               with_mtp: bool = False, strict: bool = True) -> DeepseekForCausalLM:
-    """Load a Hugging Face-layout DeepSeek-V2/V3/R1 checkpoint (bf16, fp32 or FP8 block-quantised).
+               with_mtp: bool = False, strict: bool = True) -> CausalLM:
+    """Load a Hugging Face-layout checkpoint (bf16, fp32 or FP8 block-quantised): DeepSeek-V2/V3/R1, or a dense
+    Qwen2 / Llama student (R1-Distill); `model_type` in config.json decides which.
 
     The model is built on the meta device and materialised once on `device`, then each tensor is streamed from
     its shard straight into place, so peak memory is about the model's size.
@@ -23,9 +24,9 @@ def load_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
     directory = Path(directory)
     if not directory.exists():
         raise FileNotFoundError(f"model directory not found: {directory}")
-    config = ModelConfig.from_pretrained(directory) if directory.is_dir() else ModelConfig.from_pretrained(directory.parent)
+    config = load_config(directory)
     with torch.device("meta"):
-        model = DeepseekForCausalLM(config, with_mtp=with_mtp)
+        model = new_model(config, with_mtp=with_mtp)
     model.to(dtype=dtype)
     keep_router_fp32(model)
     model.to_empty(device=device)

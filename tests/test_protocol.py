@@ -185,7 +185,7 @@ def test_chat_response_parses_with_the_openai_client():
     assert data["usage"] == {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30,
                              "completion_tokens_details": {"reasoning_tokens": 15}}
     first, second = data["choices"]
-    assert first["message"] == {"role": "assistant", "content": "4", "reasoning_content": "2+2"}
+    assert first["message"] == {"role": "assistant", "content": "4", "reasoning_content": "2+2", "reasoning": "2+2"}
     assert second["message"] == {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
     top = first["logprobs"]["content"][0]["top_logprobs"]
@@ -209,7 +209,7 @@ def test_chunks_omit_unset_delta_fields_and_parse_with_the_openai_client():
     data = [json.loads(e[len("data: "):]) for e in events]
     assert data[0]["choices"][0] == {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                      "finish_reason": None}
-    assert data[1]["choices"][0]["delta"] == {"reasoning_content": "hm"}
+    assert data[1]["choices"][0]["delta"] == {"reasoning_content": "hm", "reasoning": "hm"}
     assert data[2]["choices"][0]["delta"]["tool_calls"] == [
         {"index": 0, "id": "call_x", "type": "function", "function": {"name": "get_weather", "arguments": '{"ci'}},
         {"index": 0, "function": {"arguments": 'ty": 1}'}}]

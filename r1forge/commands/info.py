@@ -15,8 +15,10 @@ import argparse
 import sys
 
 from r1forge.accounting import count_parameters, kv_cache_bytes_per_token
+from r1forge.auto_config import config_from_preset, load_config
 from r1forge.checkpoint.summary import CheckpointSummary, summarize_checkpoint
 from r1forge.config import ModelConfig
+from r1forge.dense_config import DenseConfig
 
 CACHE_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
 
@@ -24,7 +26,8 @@ CACHE_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("path", nargs="?", help="checkpoint directory (config.json and *.safetensors)")
-    source.add_argument("--preset", help="a named shape: deepseek-v3, deepseek-r1, deepseek-v2-lite, tiny, small")
+    source.add_argument("--preset", help="a named shape: deepseek-v3, deepseek-r1, deepseek-v2-lite, tiny, small, "
+                        "deepseek-r1-distill-qwen-1.5b/7b/14b/32b, deepseek-r1-distill-llama-8b/70b")
     p.add_argument("--context", type=int, default=32768, help="context length for the KV-cache size line")
     p.add_argument("--cache-dtype", choices=sorted(CACHE_DTYPE_BYTES), default="bf16",
                    help="element type of the KV cache (bytes per cached number)")
@@ -33,9 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         if args.preset:
-            config, checkpoint, source = ModelConfig.from_preset(args.preset), None, f"preset {args.preset}"
+            config, checkpoint, source = config_from_preset(args.preset), None, f"preset {args.preset}"
         else:
-            config, source = ModelConfig.from_pretrained(args.path), str(args.path)
+            config, source = load_config(args.path), str(args.path)
             checkpoint = summarize_checkpoint(args.path)
         if args.context <= 0:
             raise ValueError(f"--context must be positive, got {args.context}")
@@ -47,11 +50,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def human_count(n: float) -> str:
-    """671026404352 -> '671.0B'."""
+def human_count(n: float, digits: int = 1) -> str:
+    """671026404352 -> '671.0B'; with digits=2, 1777088000 -> '1.78B'."""
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
-            return f"{n / scale:.1f}{unit}"
+            return f"{n / scale:.{digits}f}{unit}"
     return str(int(n))
 
 
@@ -68,9 +71,55 @@ def mtp_parameters(config: ModelConfig) -> int:
     return count_parameters(config, include_mtp=True)[0] - count_parameters(config)[0]
 
 
-def describe(config: ModelConfig, checkpoint: CheckpointSummary | None = None, context: int = 32768,
+def describe(config: ModelConfig | DenseConfig, checkpoint: CheckpointSummary | None = None, context: int = 32768,
              cache_dtype: str = "bf16", source: str | None = None) -> str:
     """The `r1forge info` report for a config (and, optionally, what its checkpoint holds on disk)."""
+    if isinstance(config, DenseConfig):
+        lines = describe_dense(config, context, cache_dtype, source)
+    else:
+        lines = describe_deepseek(config, context, cache_dtype, source)
+    if checkpoint is not None:
+        lines += describe_checkpoint(checkpoint, config)
+    return "\n".join(lines)
+
+
+def _kv(label: str, text: str) -> str:
+    return f"  {label:<12}{text}"
+
+
+def describe_dense(c: DenseConfig, context: int, cache_dtype: str, source: str | None) -> list[str]:
+    """A Qwen2 / Llama student: shapes, parameters (all active) and its GQA cache against MHA's."""
+    L, H, G, Dh = c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    lines = [f"{c.model_type} model" + (f" ({source})" if source else "")]
+    lines.append(_kv("layers", f"{L} dense, hidden {c.hidden_size}, vocab {c.vocab_size}, SwiGLU FFN "
+                     f"{c.intermediate_size}, embeddings {'tied' if c.tie_word_embeddings else 'untied'}"))
+    bias = "q/k/v/o bias" if c.o_bias else "q/k/v bias" if c.qkv_bias else "no bias"
+    lines.append(_kv("attention", f"GQA, {H} query heads sharing {G} kv heads ({c.num_kv_groups} per group), "
+                     f"head {Dh}, {bias}"))
+    rope = f"theta {c.rope_theta:g}"
+    if c.rope_type == "llama3":
+        s = c.rope_scaling
+        rope = (f"llama3 x{s['factor']:g} over {s['original_max_position_embeddings']} positions (low_freq_factor "
+                f"{s['low_freq_factor']:g}, high_freq_factor {s['high_freq_factor']:g}), " + rope)
+    elif c.rope_type == "linear":
+        rope = f"linear x{c.rope_scaling['factor']:g}, " + rope
+    lines.append(_kv("rope", f"{rope}, max positions {c.max_position_embeddings}"))
+    total, _ = count_parameters(c)
+    lines.append(_kv("parameters", f"{human_count(total, digits=2)} ({total:,}), all active per token"))
+    elem = CACHE_DTYPE_BYTES[cache_dtype]
+    gqa = c.cache_spec().numbers_per_token * elem
+    mha = 2 * H * Dh * L * elem
+    lines.append(f"  KV cache per token ({cache_dtype}, all {L} layers):")
+    lines.append(f"    {'GQA':<6}{gqa:>12,} B  {human_bytes(gqa):>10}  {100 * gqa / mha:6.2f}% of MHA"
+                 f"  ({G} kv heads x 2 x {Dh} per layer)")
+    lines.append(f"    {'MHA':<6}{mha:>12,} B  {human_bytes(mha):>10}  100.00% of MHA  ({H} heads x 2 x {Dh} per layer)")
+    lines.append(f"  KV cache for a {context:,}-token context: GQA {human_bytes(gqa * context)}, "
+                 f"MHA {human_bytes(mha * context)}")
+    return lines
+
+
+def describe_deepseek(config: ModelConfig, context: int, cache_dtype: str, source: str | None) -> list[str]:
+    """DeepSeek-V2/V3: layer and expert layout, MLA shapes, total and active parameters, MLA's cache saving."""
     c = config
     L, H = c.num_hidden_layers, c.num_attention_heads
     n_dense = L if not c.n_routed_experts else min(c.first_k_dense_replace, L)
@@ -78,7 +127,7 @@ def describe(config: ModelConfig, checkpoint: CheckpointSummary | None = None, c
     row = lines.append
 
     def kv(label: str, text: str) -> None:
-        row(f"  {label:<12}{text}")
+        row(_kv(label, text))
 
     kv("layers", f"{L} ({n_dense} dense + {L - n_dense} MoE), hidden {c.hidden_size}, vocab {c.vocab_size}, "
        f"dense FFN {c.intermediate_size}")
@@ -118,17 +167,27 @@ def describe(config: ModelConfig, checkpoint: CheckpointSummary | None = None, c
             f"  ({per_layer[name]} per layer)")
     row(f"  KV cache for a {context:,}-token context: MLA {human_bytes(cache.mla * context)}, "
         f"{gqa} {human_bytes(cache.gqa8 * context)}, MHA {human_bytes(cache.mha * context)}")
+    return lines
 
-    if checkpoint is not None:
-        total_bytes = sum(checkpoint.bytes_by_dtype.values()) or 1
-        dtypes = ", ".join(f"{d} {human_count(n)} values ({100 * checkpoint.bytes_by_dtype[d] / total_bytes:.1f}%)"
-                           for d, n in sorted(checkpoint.numel_by_dtype.items(), key=lambda kv: -kv[1]))
-        kv("on disk", f"{human_bytes(checkpoint.file_bytes)} in {checkpoint.files} safetensors file(s), "
-           f"{checkpoint.tensors} tensors")
-        kv("dtypes", dtypes)
-        mtp_layers = sorted(i for i in checkpoint.layer_indices if i >= L)
-        if mtp_layers:
-            kv("", f"MTP weights present (layers {', '.join(map(str, mtp_layers))})")
-        elif c.num_nextn_predict_layers:
-            kv("", "no MTP weights on disk (config.json declares num_nextn_predict_layers, the files do not)")
-    return "\n".join(lines)
+
+def describe_checkpoint(checkpoint: CheckpointSummary, c: ModelConfig | DenseConfig) -> list[str]:
+    """What the safetensors files hold: size, dtypes, and whether the MTP layers the config declares are there."""
+    L = c.num_hidden_layers
+    lines: list[str] = []
+    row = lines.append
+
+    def kv(label: str, text: str) -> None:
+        row(_kv(label, text))
+
+    total_bytes = sum(checkpoint.bytes_by_dtype.values()) or 1
+    dtypes = ", ".join(f"{d} {human_count(n)} values ({100 * checkpoint.bytes_by_dtype[d] / total_bytes:.1f}%)"
+                       for d, n in sorted(checkpoint.numel_by_dtype.items(), key=lambda kv: -kv[1]))
+    kv("on disk", f"{human_bytes(checkpoint.file_bytes)} in {checkpoint.files} safetensors file(s), "
+       f"{checkpoint.tensors} tensors")
+    kv("dtypes", dtypes)
+    mtp_layers = sorted(i for i in checkpoint.layer_indices if i >= L)
+    if mtp_layers:
+        kv("", f"MTP weights present (layers {', '.join(map(str, mtp_layers))})")
+    elif c.num_nextn_predict_layers:
+        kv("", "no MTP weights on disk (config.json declares num_nextn_predict_layers, the files do not)")
+    return lines

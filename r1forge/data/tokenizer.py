@@ -171,6 +171,10 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    def vocabulary(self) -> dict[str, int]:
+        """Token -> id, added tokens included: two tokenizers with equal vocabularies give the same ids."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

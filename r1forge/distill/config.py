@@ -17,17 +17,23 @@ SEQUENCES = ("teacher", "dataset")
 
 @dataclass
 class StudentSection:
-    """The student: by default the teacher's architecture with no MoE layers, freshly initialised."""
+    """The student: by default the teacher's architecture with no MoE layers, freshly initialised; or a Qwen2 /
+    Llama student (R1-Distill's architectures) from a preset or a config.json, scaled by the shape fields."""
 
     init_from: str | None = None  # checkpoint or run directory to start from instead of a fresh init
+    preset: str | None = None  # a Qwen2/Llama preset, e.g. deepseek-r1-distill-qwen-1.5b or tiny-qwen2 (fresh init)
+    config: str | None = None  # or a student config.json file (model_type qwen2 or llama; fresh init)
     dense: bool = True  # every layer a dense FFN (first_k_dense_replace = num_hidden_layers), as R1's students
     num_hidden_layers: int | None = None  # fewer layers than the teacher; null keeps the teacher's
     hidden_size: int | None = None  # narrower than the teacher; null keeps the teacher's
     intermediate_size: int | None = None  # dense FFN width; null keeps the teacher's
     num_attention_heads: int | None = None  # null keeps the teacher's
-    overrides: dict[str, Any] = field(default_factory=dict)  # any other ModelConfig field (not vocab_size)
+    overrides: dict[str, Any] = field(default_factory=dict)  # any other config field (not vocab_size)
 
     def validate(self, prefix: str = "student") -> None:
+        given = [k for k in ("init_from", "preset", "config") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{prefix}: give at most one of init_from, preset and config, got {', '.join(given)}")
         for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads"):
             value = getattr(self, key)
             if value is not None and value <= 0:

@@ -30,7 +30,7 @@ from r1forge.data import SFTDataset, read_jsonl, sft_messages
 from r1forge.data.jsonl import write_json, write_jsonl
 from r1forge.distill.config import DistillDataConfig, DistillRunConfig
 from r1forge.distill.loss import ForwardKLLoss
-from r1forge.distill.student import build_student, dense_student_config
+from r1forge.distill.student import build_student, dense_student_config, other_architecture_student_config
 from r1forge.rl.evaluate import EvalResult, evaluate
 from r1forge.rl.examples import train_and_held_out
 from r1forge.rl.policy import load_policy, sampling_engine
@@ -80,26 +80,52 @@ def teacher_traces(llm: LLM, tokenizer: Any, examples: list[dict[str, Any]], cfg
 
 def _params(model: torch.nn.Module) -> dict[str, int]:
     total, active = count_parameters(model.config)
-    return {"total": total, "active": active, "moe_layers": sum(model.config.is_moe_layer(i)
-                                                                for i in range(model.config.num_hidden_layers))}
+    return {"total": total, "active": active, "moe_layers": len(model.moe_layers()),
+            "model_type": model.config.model_type}
 
 
-def make_student(cfg: DistillRunConfig, teacher: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """The student of `cfg.student`: loaded from `init_from`, or derived from the teacher's config."""
+def make_student(cfg: DistillRunConfig, teacher: torch.nn.Module, tokenizer: Any,
+                 device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """The student of `cfg.student` and the tokenizer it reads: loaded from `init_from` (with its own tokenizer
+    when the directory has one), or built fresh on the teacher's tokenizer from the teacher's config, a
+    preset or a config.json."""
     section = cfg.student
+    shape = dict(num_hidden_layers=section.num_hidden_layers, hidden_size=section.hidden_size,
+                 intermediate_size=section.intermediate_size, num_attention_heads=section.num_attention_heads)
     if section.init_from is not None:
+        from r1forge.data import load_tokenizer
         from r1forge.loading import load_model
 
-        student = load_model(resolve_model_dir(section.init_from), device=device)
-        if student.config.vocab_size != teacher.config.vocab_size:
-            raise ValueError(f"student.init_from: vocab_size {student.config.vocab_size} differs from the teacher's "
-                             f"{teacher.config.vocab_size}; the student must share the teacher's tokenizer")
+        student_dir = resolve_model_dir(section.init_from)
+        student = load_model(student_dir, device=device)
+        if (student_dir / "tokenizer.json").is_file():
+            tokenizer = load_tokenizer(student_dir)
+        if student.config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"student.init_from: vocab_size {student.config.vocab_size} is smaller than its "
+                             f"tokenizer's {tokenizer.vocab_size} (the teacher's, as {student_dir} has no "
+                             f"tokenizer.json)")
         student.train()
-        return student
-    config = dense_student_config(teacher.config, dense=section.dense, num_hidden_layers=section.num_hidden_layers,
-                                  hidden_size=section.hidden_size, intermediate_size=section.intermediate_size,
-                                  num_attention_heads=section.num_attention_heads, **section.overrides)
-    return build_student(config, seed=cfg.seed, device=device)
+        return student, tokenizer
+    source = section.preset or section.config
+    if source is not None:
+        config = other_architecture_student_config(teacher.config, source, **shape, **section.overrides)
+    else:
+        config = dense_student_config(teacher.config, dense=section.dense, **shape, **section.overrides)
+    return build_student(config, seed=cfg.seed, device=device), tokenizer
+
+
+def check_shared_vocabulary(teacher: torch.nn.Module, student: torch.nn.Module, teacher_tokenizer: Any,
+                            student_tokenizer: Any, mode: str) -> None:
+    """Forward KL compares the two models' distributions token by token: they must mean the same tokens."""
+    if mode != "kl":
+        return
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise ValueError(f"mode kl needs a shared vocabulary: the student's vocab_size {student.config.vocab_size} "
+                         f"differs from the teacher's {teacher.config.vocab_size}; use mode sft")
+    if student_tokenizer is not teacher_tokenizer and teacher_tokenizer.vocabulary() != student_tokenizer.vocabulary():
+        raise ValueError("mode kl needs a shared vocabulary: the student's tokenizer (student.init_from) differs "
+                         "from the teacher's; use mode sft (the traces are re-tokenised for the student) or a "
+                         "student on the teacher's tokenizer")
 
 
 def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
@@ -109,7 +135,8 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     start = start_run(cfg, resume, device=cfg.train.device, device_key="train.device")
     run_dir, checkpoint, device = start.run_dir, start.checkpoint, start.device
     teacher, tokenizer, teacher_dir = load_policy(cfg.teacher, device, key="teacher")
-    student = make_student(cfg, teacher, device)
+    student, student_tokenizer = make_student(cfg, teacher, tokenizer, device)
+    check_shared_vocabulary(teacher, student, tokenizer, student_tokenizer, cfg.mode)
     train_examples, held_out = train_and_held_out(cfg.data, cfg.seed)
     data = cfg.data
     n_eval = len(held_out)
@@ -140,22 +167,22 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
         raise ValueError(f"no training sequences: the teacher got no prompt right in {data.samples_per_prompt} "
                          "samples; raise data.samples_per_prompt or set data.only_correct false")
 
-    student_llm = sampling_engine(student, tokenizer, held_out, data.template, data.max_tokens, n_eval)
+    student_llm = sampling_engine(student, student_tokenizer, held_out, data.template, data.max_tokens, n_eval)
     before: EvalResult | None = None
     before_path = run_dir / _BEFORE_FILE
     if checkpoint is None:
-        before = evaluate(student_llm, tokenizer, held_out, data.template, data.max_tokens)
+        before = evaluate(student_llm, student_tokenizer, held_out, data.template, data.max_tokens)
         write_json(before_path, {"student_before": before.to_dict(), "traces": trace_stats})
         print(f"student before: accuracy {before.accuracy:.3f} +- {before.stderr:.3f}")
     saved = json.loads(before_path.read_text()) if before_path.is_file() else {}
 
-    train_ds = SFTDataset(tokenizer, data.max_len, records=records, seed=cfg.seed)
+    train_ds = SFTDataset(student_tokenizer, data.max_len, records=records, seed=cfg.seed)  # text re-tokenised
     loss = ForwardKLLoss(teacher, cfg.kl.temperature, cfg.kl.ce_weight) if cfg.mode == "kl" else None
     if loss is None:
         del teacher  # SFT needs only the traces
     student.train()
     trainer = Trainer(student, make_loader(train_ds, cfg.train.batch_size, cfg.seed), cfg.train, cfg.log, run_dir,
-                      eval_batches=None, tokenizer=tokenizer, loss=loss,
+                      eval_batches=None, tokenizer=student_tokenizer, loss=loss,
                       run_info={"kind": f"distill-{cfg.mode}", "train_rows": len(train_ds),
                                 "teacher": str(teacher_dir)})
     if checkpoint is not None:
@@ -165,7 +192,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
 
     student.eval()
     student_llm.reset_prefix_cache()
-    after = evaluate(student_llm, tokenizer, held_out, data.template, data.max_tokens)
+    after = evaluate(student_llm, student_tokenizer, held_out, data.template, data.max_tokens)
     report = {"mode": cfg.mode, "status": result.status, "step": result.step, "teacher_dir": str(teacher_dir),
               "teacher": teacher_eval.to_dict(),
               "student_before": before.to_dict() if before else saved.get("student_before"),

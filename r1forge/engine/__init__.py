@@ -1,4 +1,4 @@
-"""Inference engine: paged latent cache, weight absorption, continuous batching, prefix sharing, streaming."""
+"""Inference engine: paged cache (MLA latents or GQA keys/values), weight absorption, continuous batching, prefix sharing, streaming."""
 
 from r1forge.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError
 from r1forge.engine.block_manager import BlockManager

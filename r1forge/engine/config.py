@@ -24,11 +24,12 @@ class EngineConfig:
         max_model_len: longest sequence (prompt + output); default and upper bound: the model's
             `max_position_embeddings`.
         block_size: tokens per cache block (64, FlashMLA's page size).
-        kv_cache_memory: bytes for the latent pool; default: what max_num_seqs full-length sequences need,
+        kv_cache_memory: bytes for the KV pool (MLA latents or GQA keys/values); default: what max_num_seqs full-length sequences need,
             capped at 1 GiB on CPU or 90% of free memory on a GPU. Ignored when `num_blocks` is given.
         num_blocks: cache blocks sequences may own (instead of a byte budget).
         enable_prefix_caching: share the cached latents of identical prompt prefixes (hash per full block).
-        absorbed: weight-absorbed latent attention (True) or the naive expand-K/V path (False).
+        absorbed: MLA's attention backend: weight-absorbed latent attention (True) or the naive expand-K/V path
+            (False). A GQA model (Qwen2, Llama) has one backend and ignores it.
         static_decode: run pure-decode steps at fixed, bucketed shapes (`StaticDecoder`); implied by
             `cuda_graphs` and `compile`. Eager on its own: what the CPU tests of the graph path run.
         cuda_graphs: capture fixed-shape decode steps as CUDA graphs and replay them. CUDA only.

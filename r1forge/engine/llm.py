@@ -1,4 +1,4 @@
-"""`r1forge.LLM`: offline batched generation and streaming over the latent-cache engine (vLLM's API)."""
+"""`r1forge.LLM`: offline batched generation and streaming over the paged-cache engine (vLLM's API)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from r1forge.engine.config import EngineConfig
 from r1forge.engine.llm_engine import LLMEngine
 from r1forge.engine.outputs import RequestOutput, StreamDelta
 from r1forge.engine.sampling_params import SamplingParams
-from r1forge.model import DeepseekForCausalLM
+from r1forge.model import CausalLM
 
 def _load_tokenizer(directory: Path) -> Any | None:
     if not (directory / "tokenizer.json").exists():
@@ -24,10 +24,10 @@ def _load_tokenizer(directory: Path) -> Any | None:
 
 
 class LLM:
-    """Generate with a DeepSeek-V2/V3/R1 model.
+    """Generate with a DeepSeek-V2/V3/R1 model or a dense R1-Distill student (Qwen2, Llama).
 
     Args:
-        model: a checkpoint directory or a `DeepseekForCausalLM`.
+        model: a checkpoint directory or a model (`DeepseekForCausalLM`, `DenseForCausalLM`).
         tokenizer: r1forge `Tokenizer` (or anything with encode/decode/eos_token_id); loaded from the
             directory when it holds a tokenizer.json.
         config: the engine's options as one `EngineConfig`; or give them as keyword arguments
@@ -36,7 +36,7 @@ class LLM:
         dtype, device: where and how a checkpoint directory is loaded (default: bf16 on CUDA, fp32 on CPU).
     """
 
-    def __init__(self, model: str | os.PathLike | DeepseekForCausalLM, tokenizer: Any | None = None,
+    def __init__(self, model: str | os.PathLike | CausalLM, tokenizer: Any | None = None,
                  config: EngineConfig | None = None, *, dtype: torch.dtype | None = None,
                  device: str | torch.device | None = None, **engine_options: Any) -> None:
         config = (config or EngineConfig()).with_options(**engine_options)
@@ -49,8 +49,9 @@ class LLM:
             model = load_model(directory, dtype=dtype, device=device)
             if tokenizer is None:
                 tokenizer = _load_tokenizer(directory)
-        if not isinstance(model, DeepseekForCausalLM):
-            raise TypeError(f"model must be a checkpoint directory or DeepseekForCausalLM, got {type(model).__name__}")
+        if not isinstance(model, CausalLM):
+            raise TypeError(f"model must be a checkpoint directory or an r1forge CausalLM (DeepseekForCausalLM, "
+                            f"DenseForCausalLM), got {type(model).__name__}")
         model.eval()
         self.model = model
         self.tokenizer = tokenizer

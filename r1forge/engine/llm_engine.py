@@ -29,7 +29,7 @@ from r1forge.engine.sampler import sample
 from r1forge.engine.sampling_params import SamplingParams
 from r1forge.engine.scheduler import Scheduler
 from r1forge.engine.sequence import Sequence
-from r1forge.model import DeepseekForCausalLM
+from r1forge.model import CausalLM
 
 
 @dataclass
@@ -53,7 +53,7 @@ class LLMEngine:
             resolved copy, `self.config`, is what the scheduler, runner and static decoder read.
     """
 
-    def __init__(self, model: DeepseekForCausalLM, tokenizer: Any | None, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: CausalLM, tokenizer: Any | None, config: EngineConfig | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         device = next(model.parameters()).device

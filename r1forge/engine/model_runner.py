@@ -1,7 +1,8 @@
-"""Owns the model and the paged latent cache; turns a scheduled batch into one forward and a sample.
+"""Owns the model and the paged KV cache; turns a scheduled batch into one forward and a sample.
 
-The pool is one tensor per layer [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]: exactly the
-latent per token and nothing else (the layout FlashMLA-style kernels read, block-major).
+The pool is one tensor per layer [num_blocks, block_size, *token_shape], the layout the model asks for in its
+`cache_spec()`: MLA's latent [kv_lora_rank + qk_rope_head_dim] (what FlashMLA-style kernels read,
+block-major) or GQA's keys and values [2, num_key_value_heads, head_dim]. Nothing here depends on which.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from r1forge.engine.config import EngineConfig
 from r1forge.engine.scheduler import ScheduledBatch
 from r1forge.engine.static_decode import StaticDecoder
 from r1forge.engine.sequence import Sequence
-from r1forge.model import AttentionMetadata, DeepseekForCausalLM
+from r1forge.model import AttentionMetadata, CausalLM
 
 
-def cache_bytes_per_token(model: DeepseekForCausalLM, dtype: torch.dtype) -> int:
-    """latent_dim (kv_lora_rank + qk_rope_head_dim) * num_hidden_layers * element size."""
-    return model.config.latent_dim * model.config.num_hidden_layers * torch.empty((), dtype=dtype).element_size()
+def cache_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
+    """The model's cached numbers per token (all layers) * element size: for MLA (C + R) * L, for GQA
+    2 * H_kv * D_h * L."""
+    return model.cache_spec().bytes_per_token(dtype)
 
 
 class ModelRunner:
@@ -26,7 +28,7 @@ class ModelRunner:
             sequences may own and, with fixed-shape decoding, the null block its padding rows write to.
     """
 
-    def __init__(self, model: DeepseekForCausalLM, config: EngineConfig) -> None:
+    def __init__(self, model: CausalLM, config: EngineConfig) -> None:
         self.model = model
         self.config = config
         self.block_size = config.block_size
@@ -35,11 +37,8 @@ class ModelRunner:
         self.device = param.device
         self.cache_dtype = model.model.embed_tokens.weight.dtype
         self.cache_bytes_per_token = cache_bytes_per_token(model, self.cache_dtype)
-        L = model.config.num_hidden_layers
-        # One tensor per layer, not views of one [L, ...] tensor: a compiled step mutating several aliased
-        # inputs would copy the whole pool back at every layer (measured: 10x slower decode under compile).
-        self.kv_caches = [torch.zeros(config.pool_blocks, config.block_size, model.config.latent_dim,
-                                      dtype=self.cache_dtype, device=self.device) for _ in range(L)]
+        self.cache_spec = model.cache_spec()
+        self.kv_caches = self.cache_spec.allocate(config.pool_blocks, config.block_size, self.cache_dtype, self.device)
         self.num_forward_tokens = 0  # tokens pushed through the model, for prefix-sharing tests and stats
         self.num_prefill_tokens = 0  # of those, tokens that were not a decode step
         self.static: StaticDecoder | None = StaticDecoder(model, self.kv_caches, config) \
@@ -47,7 +46,7 @@ class ModelRunner:
 
     @property
     def pool_bytes(self) -> int:
-        """Bytes the latent pool holds, all layers (the null block of static decoding included)."""
+        """Bytes the KV pool holds, all layers (the null block of static decoding included)."""
         return sum(c.numel() * c.element_size() for c in self.kv_caches)
 
     @torch.inference_mode()

@@ -5,7 +5,7 @@ than running them; a CUDA graph replays the whole step with one launch. A graph 
 fixed addresses with no host round-trip, so the decode step here is built for that:
 
 - the batch is padded to a bucket (1, 2, 4, 8, then multiples of 8); padding rows decode a dummy token whose
-  latent goes to the pool's null block, which no sequence owns;
+  cache row goes to the pool's null block, which no sequence owns;
 - block tables are padded to a power-of-two number of blocks, so attention reads at most twice the context
   it needs, and one graph serves every context length of its bucket; graphs are captured on first use, one
   per (batch bucket, block bucket), all in one memory pool;
@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 
 from r1forge.engine.config import EngineConfig
-from r1forge.model import AttentionMetadata, DeepseekForCausalLM
+from r1forge.model import AttentionMetadata, CausalLM
 from r1forge.model.moe_static import graph_safe_dispatch, stack_expert_weights
 
 
@@ -52,14 +52,14 @@ class StaticDecoder:
     """Runs pure-decode steps (one new token per sequence) at bucketed shapes; see the module docstring.
 
     Args:
-        kv_caches: the pool, per layer [blocks, block_size, C+R]; its last block, `config.num_blocks`, is the
+        kv_caches: the pool, per layer [blocks, block_size, *token_shape]; its last block, `config.num_blocks`, is the
             null block that padding rows write to.
         config: the resolved `EngineConfig`: buckets up to `max_num_seqs` sequences (at most 256; larger steps
             run eagerly) and `max_model_len / block_size` blocks; `compile` and `cuda_graphs` choose how the
             step runs (`torch.compile`, CUDA-graph capture and replay, or eagerly).
     """
 
-    def __init__(self, model: DeepseekForCausalLM, kv_caches: list[torch.Tensor], config: EngineConfig) -> None:
+    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], config: EngineConfig) -> None:
         device = kv_caches[0].device
         if config.cuda_graphs and device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device; the model is on {device}")

@@ -1,8 +1,8 @@
-"""Per-step metadata for attention over the paged latent cache.
+"""Per-step metadata for attention over the paged KV cache (MLA latents or GQA keys and values).
 
 The engine flattens the step's new tokens of all running sequences into one [N] batch (vLLM style) and
 describes, once per step, where each token's latent goes (`slot_mapping`) and which cached slots each
-sequence reads (`kv_slots`, from its `block_table`). Every MLA layer reuses these index tensors, so the
+sequence reads (`kv_slots`, from its `block_table`). Every attention layer reuses these index tensors, so the
 layers do tensor ops only: no Python loop over sequences, no host sync.
 """
 
@@ -17,18 +17,19 @@ import torch
 class AttentionMetadata:
     """Where the new tokens of one engine step sit in the paged latent cache.
 
-    Cache layout per layer: [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]; a token at position p of a
+    Cache layout per layer: [num_blocks, block_size, *token_shape] (the model's `cache_spec()`: MLA's
+    [kv_lora_rank + qk_rope_head_dim], GQA's [2, num_key_value_heads, head_dim]); a token at position p of a
     sequence lives in block `block_table[p // block_size]` at offset `p % block_size`, flat slot
     `block * block_size + offset`.
     """
 
-    kv_caches: list[torch.Tensor]  # per layer [num_blocks, block_size, C+R]
+    kv_caches: list[torch.Tensor]  # per layer [num_blocks, block_size, *token_shape]
     slot_mapping: torch.Tensor  # [N] flat slot of each new token (written before attention)
     query_index: torch.Tensor  # [B, Q] index into the N new tokens (padded entries point at token 0)
     query_valid: torch.Tensor  # [B, Q] bool, False on padding
     kv_slots: torch.Tensor  # [B, S] flat slots of every token each sequence attends to (cached + new), padded with 0
     attn_mask: torch.Tensor  # [B, Q, S] bool, True where query q of sequence b may attend slot s (causal + valid)
-    absorbed: bool = True  # weight absorption (latent-space attention) vs expanding K/V through kv_b_proj
+    absorbed: bool = True  # MLA backend: weight absorption (latent space) vs expanding K/V; GQA ignores it
     decode: bool = False  # one new token per sequence, in order: query_index is arange(B)[:, None], all valid
 
     @property

@@ -1,4 +1,4 @@
-"""Rotary position embedding for MLA's decoupled rope dims, with YaRN context extension.
+"""Rotary position embedding: MLA's decoupled rope dims (YaRN) and the dense students' heads (llama3 scaling).
 
 DeepSeek's checkpoints lay the rope dims out as interleaved pairs (x0, x1), (x2, x3), ... each rotated by one
 frequency; we rotate those pairs directly (`rope_interleave=True`). transformers permutes the pairs to the
@@ -9,6 +9,7 @@ alike, so every q.k score is the same. With `rope_interleave=False` the checkpoi
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,18 +22,39 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [R/2] (float32, CPU) and the cos/sin scale ("attention factor").
+def rope_type_of(rope_scaling: dict[str, Any] | None) -> str:
+    """"default", "yarn", "llama3", "linear": `rope_type` (or the older `type`) of a rope_scaling dict."""
+    if not rope_scaling:
+        return "default"
+    return rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
 
-    YaRN (arXiv 2309.00071) blends interpolated (divided by `factor`) and original frequencies with a linear
-    ramp between the dims that rotate `beta_fast` and `beta_slow` times over the original context.
+
+def inverse_frequencies(dim: int, theta: float, rope_scaling: dict[str, Any] | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim/2] (float32, CPU) of a rotary width `dim`, and the cos/sin scale.
+
+    theta^(-2i/dim) for pair i, then rescaled for a longer context by `rope_scaling`'s rope type:
+    yarn (DeepSeek), llama3 (Llama 3.1+), linear (position interpolation).
     """
-    dim, base = config.qk_rope_head_dim, float(config.rope_theta)
     exponents = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim
-    inv_freq = 1.0 / (base**exponents)
-    if config.rope_type != "yarn":
-        return inv_freq, 1.0
-    s = config.rope_scaling
+    inv_freq = 1.0 / (float(theta) ** exponents)
+    rope_type = rope_type_of(rope_scaling)
+    if rope_type == "yarn":
+        return _yarn(inv_freq, dim, float(theta), rope_scaling)
+    if rope_type == "llama3":
+        return _llama3(inv_freq, rope_scaling), 1.0
+    if rope_type == "linear":
+        return inv_freq / float(rope_scaling["factor"]), 1.0
+    return inv_freq, 1.0
+
+
+def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """MLA's decoupled rope dims: inverse frequencies [R/2] and the attention factor (YaRN's mscale ratio)."""
+    return inverse_frequencies(config.qk_rope_head_dim, config.rope_theta, config.rope_scaling)
+
+
+def _yarn(inv_freq: torch.Tensor, dim: int, base: float, s: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071) blends interpolated (divided by `factor`) and original frequencies with a linear
+    ramp between the dims that rotate `beta_fast` and `beta_slow` times over the original context."""
     factor = float(s["factor"])
     original = float(s["original_max_position_embeddings"])
     beta_fast, beta_slow = float(s.get("beta_fast") or 32), float(s.get("beta_slow") or 1)
@@ -57,12 +79,23 @@ def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     return inv_freq, float(attention_factor)
 
 
+def _llama3(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1's rescaling, by wavelength lambda = 2 pi / freq against the original context L:
+    lambda < L / high_freq_factor keeps its frequency (local detail), lambda > L / low_freq_factor is divided by
+    `factor` (long range), and the band between blends the two by s = (L / lambda - low) / (high - low)."""
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    original = float(s["original_max_position_embeddings"])
+    wavelength = 2 * math.pi / inv_freq
+    smooth = ((original / wavelength - low) / (high - low)).clamp(0, 1)  # 0: long wavelengths, 1: short ones
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
 class RotaryEmbedding(nn.Module):
     """Maps positions to (cos, sin) [..., R/2]; holds no parameters, so meta-device builds need no fix-up."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, dim: int, theta: float, rope_scaling: dict[str, Any] | None = None) -> None:
         super().__init__()
-        inv_freq, self.attention_factor = rope_frequencies(config)
+        inv_freq, self.attention_factor = inverse_frequencies(dim, theta, rope_scaling)
         self._inv_freq_cpu = inv_freq
         self._inv_freq_by_device: dict[torch.device, torch.Tensor] = {}
 

@@ -7,21 +7,21 @@ one exception is MTP, held at `model.mtp.{k}` and stored at `model.layers.{num_h
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from r1forge.config import ModelConfig
 from r1forge.model.attention_metadata import AttentionMetadata
+from r1forge.model.base import CausalLM, PreNormDecoderLayer, init_normal_
+from r1forge.model.cache_spec import CacheSpec
 from r1forge.model.mla import ATTN_IMPLS, MultiHeadLatentAttention
 from r1forge.model.moe import MLP, DeepseekMoE, Router
 from r1forge.model.norm import RMSNorm
 from r1forge.model.rope import RotaryEmbedding
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(PreNormDecoderLayer):
     """h = h + MLA(norm(h)); h = h + FFN(norm(h))."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
@@ -33,11 +33,6 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                metadata: AttentionMetadata | None = None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, metadata)
-        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class SharedHead(nn.Module):
@@ -77,7 +72,7 @@ class DeepseekModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(config)
+        self.rotary = RotaryEmbedding(config.qk_rope_head_dim, config.rope_theta, config.rope_scaling)
         n = config.num_hidden_layers
         self.mtp = nn.ModuleList(MTPModule(config, n + k) for k in range(num_mtp))
 
@@ -93,7 +88,7 @@ class DeepseekModel(nn.Module):
         return self.norm(h)
 
 
-class DeepseekForCausalLM(nn.Module):
+class DeepseekForCausalLM(CausalLM):
     """DeepSeek-V2/V3/R1 causal LM. `model(input_ids)` -> logits [B, T, vocab]."""
 
     def __init__(self, config: ModelConfig, with_mtp: bool = False) -> None:
@@ -108,9 +103,9 @@ class DeepseekForCausalLM(nn.Module):
     def num_mtp(self) -> int:
         return len(self.model.mtp)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                metadata: AttentionMetadata | None = None) -> torch.Tensor:
-        return self.lm_head(self.model(input_ids, positions, metadata))
+    def cache_spec(self) -> CacheSpec:
+        """MLA caches one latent row per token and layer: c_kv and the shared rope key (C + R numbers)."""
+        return self.config.cache_spec()
 
     def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor,
                    positions: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -138,27 +133,13 @@ class DeepseekForCausalLM(nn.Module):
             if isinstance(m, MultiHeadLatentAttention):
                 m.attn_impl = impl
 
-    def moe_layers(self) -> list[DeepseekMoE]:
-        return [m for m in self.modules() if isinstance(m, DeepseekMoE)]
-
-    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
-        """Write the Hugging Face layout (config.json + safetensors), loadable by transformers."""
-        from r1forge.checkpoint import save_checkpoint
-
-        save_checkpoint(self, directory, max_shard_size=max_shard_size)
-
     @torch.no_grad()
     def init_weights(self) -> None:
         """Normal(0, initializer_range) for every matrix, ones for norms, zeros for the correction bias."""
         std = self.config.initializer_range
+        init_normal_(self, std)
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, 0.0, std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, RMSNorm):
-                m.reset_parameters()
-            elif isinstance(m, Router):
+            if isinstance(m, Router):
                 nn.init.normal_(m.weight, 0.0, std)
                 if m.e_score_correction_bias is not None:
                     m.e_score_correction_bias.zero_()
@@ -169,16 +150,6 @@ def keep_router_fp32(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, Router):
             m.float()
-
-
-def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                with_mtp: bool = False) -> DeepseekForCausalLM:
-    """A randomly initialised model (seeded by torch's global RNG)."""
-    model = DeepseekForCausalLM(config, with_mtp=with_mtp)
-    model.init_weights()
-    model.to(device=device, dtype=dtype)
-    keep_router_fp32(model)
-    return model
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

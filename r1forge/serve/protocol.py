@@ -18,7 +18,7 @@ import secrets
 import time
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
 
 from r1forge.serve.tool_calls import TOOL_NAME_CHARS
 
@@ -65,6 +65,16 @@ class ChatMessage(_Request):
     name: str | None = None
     tool_calls: list[MessageToolCall] | None = None  # assistant messages
     tool_call_id: str | None = None  # tool messages
+    reasoning_content: str | None = None  # assistant messages sent back: DeepSeek's name for the reasoning
+    reasoning: str | None = None  # vLLM's newer name for it; either is accepted, kept as reasoning_content
+
+    @model_validator(mode="after")
+    def _one_reasoning_field(self) -> ChatMessage:
+        if self.reasoning is not None:
+            if self.reasoning_content is not None and self.reasoning_content != self.reasoning:
+                raise ValueError("reasoning and reasoning_content differ: send one of them (they are the same field)")
+            self.reasoning_content, self.reasoning = self.reasoning, None
+        return self
 
     @field_validator("role")
     @classmethod
@@ -320,11 +330,23 @@ class ResponseToolCall(BaseModel):
     function: ResponseFunction
 
 
-class ChatResponseMessage(_OmitNone):
-    omit_if_none: ClassVar[frozenset[str]] = frozenset({"reasoning_content", "tool_calls"})
+class _MirrorsReasoning(_OmitNone):
+    """The reasoning under both names clients read: `reasoning_content` (DeepSeek's API) and `reasoning` (the
+    field vLLM moved to); clients reading only one of them get it either way. Set `reasoning_content`."""
+
+    reasoning_content: str | None = None  # DeepSeek's field: the <think> block
+    reasoning: str | None = None  # the same text
+
+    @model_validator(mode="after")
+    def _mirror(self) -> _MirrorsReasoning:
+        self.reasoning = self.reasoning_content
+        return self
+
+
+class ChatResponseMessage(_MirrorsReasoning):
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"reasoning_content", "reasoning", "tool_calls"})
     role: Literal["assistant"] = "assistant"
     content: str | None = None
-    reasoning_content: str | None = None  # DeepSeek's field: the <think> block
     tool_calls: list[ResponseToolCall] | None = None
 
 
@@ -378,11 +400,11 @@ class DeltaToolCall(_OmitNone):
     function: DeltaFunction | None = None
 
 
-class DeltaMessage(_OmitNone):
-    omit_if_none: ClassVar[frozenset[str]] = frozenset({"role", "content", "reasoning_content", "tool_calls"})
+class DeltaMessage(_MirrorsReasoning):
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"role", "content", "reasoning_content", "reasoning",
+                                                        "tool_calls"})
     role: Literal["assistant"] | None = None  # first chunk only
     content: str | None = None
-    reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from r1forge.config import ModelConfig
+from r1forge.auto_config import config_from_preset, load_config
 from r1forge.data import Tokenizer, load_tokenizer, train_tokenizer
-from r1forge.model import DeepseekForCausalLM, build_model
+from r1forge.model import CausalLM, build_model
 from r1forge.train.checkpointing import resolve_model_dir
 from r1forge.train.config import ModelSection, PretrainRunConfig, SFTRunConfig
 from r1forge.train.data import (
@@ -44,7 +44,7 @@ def _resolve_tokenizer(given: str | None, checkpoint: Path | None, init_dir: Pat
     return load_tokenizer(out)
 
 
-def build_run_model(section: ModelSection, tokenizer: Tokenizer, device: torch.device) -> DeepseekForCausalLM:
+def build_run_model(section: ModelSection, tokenizer: Tokenizer, device: torch.device) -> CausalLM:
     """A random model of `section.preset` (+ overrides) sized to the tokenizer, or the `init_from` model.
 
     Without `section.mtp` the model has no MTP modules and its config says so (num_nextn_predict_layers 0),
@@ -56,19 +56,20 @@ def build_run_model(section: ModelSection, tokenizer: Tokenizer, device: torch.d
         from r1forge.loading import load_model
 
         model_dir = resolve_model_dir(section.init_from)
-        mtp = section.mtp and ModelConfig.from_pretrained(model_dir).num_nextn_predict_layers > 0
+        mtp = section.mtp and load_config(model_dir).num_nextn_predict_layers > 0
         model = load_model(model_dir, device=device, with_mtp=mtp)
         model.config.num_nextn_predict_layers = model.num_mtp
     else:
-        known = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
+        config_cls = type(config_from_preset(section.preset))  # ModelConfig, or DenseConfig for a Qwen2/Llama preset
+        known = {f.name for f in dataclasses.fields(config_cls)} - {"extra"}
         for key in section.overrides:
             if key not in known:
-                raise ValueError(f"model.overrides.{key}: not a ModelConfig field")
+                raise ValueError(f"model.overrides.{key}: not a {config_cls.__name__} field")
         overrides: dict[str, Any] = {"vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.bos_token_id,
                                      "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
         overrides.update(section.overrides)
-        config = ModelConfig.from_preset(section.preset, **overrides)
-        if not section.mtp:
+        config = config_from_preset(section.preset, **overrides)
+        if not section.mtp and config.num_nextn_predict_layers:
             config = config.replace(num_nextn_predict_layers=0)
         model = build_model(config, device=device, with_mtp=section.mtp)
     if model.config.vocab_size < tokenizer.vocab_size:

@@ -71,11 +71,12 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
 
     Returns the number of layers wrapped. Only forwards that build a graph are checkpointed.
     """
+    from r1forge.model.dense import DenseDecoderLayer
     from r1forge.model.transformer import DecoderLayer
 
     count = 0
     for module in model.modules():
-        if isinstance(module, DecoderLayer) and not getattr(module, "_activation_checkpointing", False):
+        if isinstance(module, (DecoderLayer, DenseDecoderLayer)) and not getattr(module, "_activation_checkpointing", False):
             inner = module.forward
 
             def forward(*args: Any, _inner: Any = inner, **kwargs: Any) -> torch.Tensor:
