@@ -12,17 +12,21 @@ from r1forge.model import DeepseekForCausalLM, keep_router_fp32
 
 
 def load_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               with_mtp: bool = False, strict: bool = True) -> DeepseekForCausalLM:
+               with_mtp: bool = False, strict: bool = True, verify: str | None = None) -> DeepseekForCausalLM:
     """Load a Hugging Face-layout DeepSeek-V2/V3/R1 checkpoint (bf16, fp32 or FP8 block-quantised).
 
     The model is built on the meta device and materialised once on `device`, then each tensor is streamed from
-    its shard straight into place, so peak memory is about the model's size.
+    its shard straight into place, so peak memory is about the model's size. `verify` ("size" by default,
+    "full", "none"; see r1forge.checkpoint.manifest) checks every file `checksums.json` lists, config.json
+    included, before any is read.
     """
     from r1forge.checkpoint import load_checkpoint
+    from r1forge.checkpoint.manifest import verify_checkpoint
 
     directory = Path(directory)
     if not directory.exists():
         raise FileNotFoundError(f"model directory not found: {directory}")
+    verify_checkpoint(directory if directory.is_dir() else directory.parent, verify)
     config = ModelConfig.from_pretrained(directory) if directory.is_dir() else ModelConfig.from_pretrained(directory.parent)
     with torch.device("meta"):
         model = DeepseekForCausalLM(config, with_mtp=with_mtp)
@@ -31,6 +35,6 @@ def load_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
     model.to_empty(device=device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    load_checkpoint(model, directory, strict=strict)
+    load_checkpoint(model, directory, strict=strict, verify="none")  # verified above
     model.eval()
     return model

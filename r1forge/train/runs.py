@@ -21,7 +21,9 @@ import torch
 from r1forge.config import ModelConfig
 from r1forge.data import Tokenizer, load_tokenizer, train_tokenizer
 from r1forge.model import DeepseekForCausalLM, build_model
-from r1forge.train.checkpointing import CHECKPOINTS_DIR, clean_staging, latest_checkpoint, resolve_model_dir
+from r1forge.train.checkpointing import (
+    CHECKPOINTS_DIR, clean_staging, latest_checkpoint, newest_intact_checkpoint, resolve_model_dir, resume_mode,
+)
 from r1forge.train.config import ModelSection, PretrainRunConfig, SFTRunConfig, save_run_config
 from r1forge.train.data import (
     fixed_batches, make_loader, pretrain_datasets, pretrain_texts, sft_datasets, sft_texts, target_counts,
@@ -55,15 +57,22 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def prepare_run_dir(run_dir: str | Path, resume: bool) -> Path | None:
+def prepare_run_dir(run_dir: str | Path, resume: bool | str) -> Path | None:
     """Create the run directory; the checkpoint to resume from (None: start fresh).
 
-    Refuses (ValueError naming run_dir) to start fresh over a run that has checkpoints.
+    `resume`: False, True / "latest" (the newest checkpoint; refused later if damaged) or "latest-intact" (the
+    newest whose checksums verify, damaged newer ones skipped and named). Refuses (ValueError naming run_dir)
+    to start fresh over a run that has checkpoints.
     """
     run_dir = Path(run_dir)
     checkpoints = run_dir / CHECKPOINTS_DIR
     clean_staging(checkpoints)
+    mode = resume_mode(resume)
     latest = latest_checkpoint(checkpoints)
+    if latest is not None and mode == "latest-intact":
+        latest = newest_intact_checkpoint(checkpoints)
+        if latest is None:
+            raise ValueError(f"--resume latest-intact: every checkpoint in {checkpoints} is damaged (see above)")
     if latest is not None and not resume:
         raise ValueError(f"run_dir {str(run_dir)!r} already has checkpoints (newest {latest.name}): pass --resume to "
                          "continue it, or choose another run_dir")
@@ -121,7 +130,7 @@ def build_run_model(section: ModelSection, tokenizer: Tokenizer, device: torch.d
     return model
 
 
-def _run(cfg: Any, resume: bool, make_data: Any, tokenizer_texts: Any, kind: str) -> TrainResult:
+def _run(cfg: Any, resume: bool | str, make_data: Any, tokenizer_texts: Any, kind: str) -> TrainResult:
     run_dir = Path(cfg.run_dir)
     checkpoint = prepare_run_dir(run_dir, resume)
     save_run_config(cfg, run_dir / ("config.yaml" if checkpoint is None else "config.resumed.yaml"))
@@ -162,14 +171,15 @@ def _run(cfg: Any, resume: bool, make_data: Any, tokenizer_texts: Any, kind: str
     return result
 
 
-def run_pretrain(cfg: PretrainRunConfig, resume: bool = False) -> TrainResult:
-    """Pretrain as `cfg` says (see the module docstring); `resume` continues the run's newest checkpoint."""
+def run_pretrain(cfg: PretrainRunConfig, resume: bool | str = False) -> TrainResult:
+    """Pretrain as `cfg` says (see the module docstring); `resume` continues the run's newest checkpoint
+    (True / "latest"), or its newest intact one ("latest-intact", see `prepare_run_dir`)."""
     return _run(cfg, resume,
                 lambda tok, texts: pretrain_datasets(cfg.data, tok, cfg.seed, texts),
                 lambda: pretrain_texts(cfg.data, cfg.seed), "pretrain")
 
 
-def run_sft(cfg: SFTRunConfig, resume: bool = False) -> TrainResult:
+def run_sft(cfg: SFTRunConfig, resume: bool | str = False) -> TrainResult:
     """Supervised fine-tuning on chat data (loss on assistant tokens only); usually `model.init_from` a pretrain run."""
     return _run(cfg, resume,
                 lambda tok, texts: sft_datasets(cfg.data, tok, cfg.seed),
