@@ -164,7 +164,7 @@ def _run(cfg: Any, resume: bool | str, make_data: Any, tokenizer_texts: Any, kin
         trainer.resume(checkpoint)
         print(f"resumed from {checkpoint} (step {trainer.step})")
     result = trainer.fit()
-    summary = f"{kind} {result.status} at step {result.step}"
+    summary = f"{kind} {result.status} at step {result.step}" + (f" ({result.reason})" if result.reason else "")
     if result.eval_loss is not None:
         summary += f": held-out loss {result.eval_loss:.4f} vs unigram {entropy:.4f} nats/token"
     print(summary + (f"; checkpoint {result.checkpoint}" if result.checkpoint else ""))
