@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from r1forge.accounting import check_model_fits
 from r1forge.config import ModelConfig
 from r1forge.model import DeepseekForCausalLM, keep_router_fp32
 
@@ -28,6 +29,7 @@ def load_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
         raise FileNotFoundError(f"model directory not found: {directory}")
     verify_checkpoint(directory if directory.is_dir() else directory.parent, verify)
     config = ModelConfig.from_pretrained(directory) if directory.is_dir() else ModelConfig.from_pretrained(directory.parent)
+    check_model_fits(config, device, dtype, include_mtp=with_mtp, what=f"the model of {directory}")
     with torch.device("meta"):
         model = DeepseekForCausalLM(config, with_mtp=with_mtp)
     model.to(dtype=dtype)

@@ -28,7 +28,7 @@ import torch
 from r1forge.engine import LLM
 from r1forge.rl.grpo_config import GRPOConfig
 from r1forge.rl.grpo_loss import dynamic_sampling_filter, group_advantages, grpo_loss, zero_std_group_fraction
-from r1forge.rl.rewards import overlong_penalty
+from r1forge.rl.rewards import CombinedReward, overlong_penalty
 from r1forge.rl.rollout import RolloutBatch, completion_logprobs, generate_rollouts
 from r1forge.rl.templates import render_prompt
 from r1forge.train.balance import ExpertLoadTracker, update_router_biases
@@ -81,7 +81,9 @@ class GRPOTrainer:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        self.reward_fn = reward_fn
+        # rewards by name (combine_rewards) get the per-call time limit; a plain callable is called as it is
+        self.reward_fn = reward_fn.with_timeout(config.reward_timeout_s) if isinstance(reward_fn, CombinedReward) \
+            else reward_fn
         self.examples = train_examples
         # Decode graphs stay valid across updates: the optimizer changes the weights in place, at the same addresses.
         self.llm = llm or LLM(model, tokenizer=tokenizer, max_num_seqs=config.prompts_per_step * config.num_generations,

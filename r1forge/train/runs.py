@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from r1forge.accounting import check_model_fits
 from r1forge.config import ModelConfig
 from r1forge.data import Tokenizer, load_tokenizer, train_tokenizer
 from r1forge.model import DeepseekForCausalLM, build_model
@@ -108,7 +109,9 @@ def build_run_model(section: ModelSection, tokenizer: Tokenizer, device: torch.d
         from r1forge.loading import load_model
 
         model_dir = resolve_model_dir(section.init_from)
-        mtp = section.mtp and ModelConfig.from_pretrained(model_dir).num_nextn_predict_layers > 0
+        config = ModelConfig.from_pretrained(model_dir)
+        mtp = section.mtp and config.num_nextn_predict_layers > 0
+        check_model_fits(config, device, include_mtp=mtp, copies=4, what=f"training {model_dir}")
         model = load_model(model_dir, device=device, with_mtp=mtp)
         model.config.num_nextn_predict_layers = model.num_mtp
     else:
@@ -122,6 +125,8 @@ def build_run_model(section: ModelSection, tokenizer: Tokenizer, device: torch.d
         config = ModelConfig.from_preset(section.preset, **overrides)
         if not section.mtp:
             config = config.replace(num_nextn_predict_layers=0)
+        check_model_fits(config, device, include_mtp=section.mtp, copies=4,
+                         what=f"training model.preset {section.preset!r} with its overrides")
         model = build_model(config, device=device, with_mtp=section.mtp)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
