@@ -218,8 +218,15 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True,
     if not isinstance(getattr(getattr(model, "config", None), "num_hidden_layers", None), int):
         raise CheckpointError(f"{type(model).__name__} has no `config.num_hidden_layers`: it is needed to tell MTP "
                               "layers (stored at model.layers.{num_hidden_layers + k}) from decoder layers")
-    files, weight_map = resolve_weight_files(path)
-    infos = scan_headers(files, weight_map)  # a truncated file is named by its header error, before the sizes
+    try:
+        files, weight_map = resolve_weight_files(path)
+        infos = scan_headers(files, weight_map)
+    except CheckpointError as e:  # unreadable index or header: say too which files the checksums find damaged
+        try:
+            _verify_weights(Path(path), verify)
+        except CheckpointError as damaged:
+            raise CheckpointError(f"{e}\n{damaged}") from None
+        raise
     _verify_weights(Path(path), verify)
     planner = _Planner(model, infos, _block_size(model.config))
     on_meta = [name for name, t in planner.targets.items() if t.is_meta]
