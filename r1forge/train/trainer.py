@@ -299,7 +299,8 @@ class Trainer:
                     path = self.save()
                     logger.log(self.step, {"event": "checkpoint", "path": str(path)})
             if status == "completed" and self.guard.consecutive:  # the schedule ran out inside a bad streak
-                status, reason = "diverged", self._diverged(logger, "the run ended inside the streak")
+                status, reason = "diverged", self._diverged(
+                    logger, "the schedule ended inside the streak, so the run did not finish healthy")
         finally:
             progress.close()
             logger.close()
@@ -308,8 +309,8 @@ class Trainer:
     def _diverged(self, logger: MetricsLogger, why: str) -> str:
         """Log the divergence event; the message naming the bad steps and what was non-finite."""
         newest = latest_checkpoint(self.checkpoint_dir)
-        reason = (f"{self.guard.describe(self.step)}; {why}, so the run did not finish healthy. Nothing was saved "
-                  f"from the streak: the newest checkpoint is {newest.name if newest else 'none'}")
+        reason = (f"{self.guard.describe(self.step)}; {why}. Nothing was saved from the streak: the newest "
+                  f"checkpoint is {newest.name if newest else 'none'}")
         logger.log(self.step, {"event": "diverged", "consecutive": self.guard.consecutive,
                                "first_bad_step": self.guard.streak_start, "reason": reason})
         return reason
