@@ -2,7 +2,7 @@
 
 Every config field can be overridden as a dotted option after the config file; `--print-config` shows the
 resolved config and exits. The work is `r1forge.train.run_sft`. Exit codes: 0 done, 2 bad input,
-3 stopped by the non-finite loss guard.
+3 diverged (stopped by the non-finite loss guard, or ended in a non-finite streak).
 """
 
 from __future__ import annotations
