@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import r1forge
+from conftest import RandomRows
 from r1forge import ModelConfig, build_model
 from r1forge.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from r1forge.checkpoint.manifest import MANIFEST_FILE, VERIFY_ENV, read_manifest, verify_checkpoint, write_manifest
@@ -144,21 +145,10 @@ def test_a_training_checkpoint_that_lost_its_manifest_is_refused(training_checkp
     assert "resuming unverified" in capsys.readouterr().out
 
 
-class _Rows:
-    def __init__(self, n: int = 16, T: int = 12) -> None:
-        self.ids = torch.randint(0, V, (n, T + 1), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i, :-1], "labels": self.ids[i, 1:]}
-
-
 def _trainer(run_dir: Path, steps: int) -> Trainer:
     config = TrainConfig(steps=steps, batch_size=4, warmup_steps=1, bias_update_gamma=0.0)
     log = LogConfig(log_every=1, eval_every=0, save_every=1, keep_last=0, progress=False, tensorboard=False)
-    return Trainer(_model(), StatefulLoader(_Rows(), 4), config, log, run_dir)
+    return Trainer(_model(), StatefulLoader(RandomRows(V), 4), config, log, run_dir)
 
 
 def test_resume_refuses_a_damaged_newest_checkpoint_and_falls_back_only_when_asked(

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1forge import ModelConfig, build_model
-from r1forge.data import load_tokenizer, make_pretrain_corpus, train_tokenizer
+from conftest import save_tiny_policy
 from r1forge.rl.grpo_run import GRPORunConfig, run_grpo
 from r1forge.rl.rewards import REWARD_STATS, RewardStats, combine_rewards, register_reward
 from r1forge.rl.rewards.stats import MAX_ABS_REWARD, call_with_timeout, guarded
@@ -99,15 +98,7 @@ def test_combined_reward_names_the_component_that_timed_out_and_bounds_the_sum()
 
 @pytest.fixture(scope="module")
 def init_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("policy")
-    train_tokenizer(None, out, vocab_size=300, texts=make_pretrain_corpus(100, 0))
-    tok = load_tokenizer(out)
-    torch.manual_seed(0)
-    config = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id,
-                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                     num_nextn_predict_layers=0)
-    build_model(config).save_pretrained(out)
-    return out
+    return save_tiny_policy(tmp_path_factory.mktemp("policy"))
 
 
 def test_grpo_run_survives_huge_sleeping_and_exiting_rewards(init_dir: Path, tmp_path: Path) -> None:

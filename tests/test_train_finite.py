@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import r1forge
+from conftest import RandomRows, save_tiny_policy
 from r1forge import ModelConfig, build_model
 from r1forge.accounting import check_model_fits
 from r1forge.cli import main
@@ -133,17 +134,6 @@ def test_training_an_absurd_preset_counts_the_optimizer_state(tmp_path: Path) ->
 
 
 # ---------------------------------------------------------------------------------------------- non-finite runs
-class _Rows:
-    def __init__(self, n: int = 16, T: int = 12) -> None:
-        self.ids = torch.randint(0, V, (n, T + 1), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i, :-1], "labels": self.ids[i, 1:]}
-
-
 class _NaNFrom:
     """CausalLMLoss whose loss is NaN from optimizer step `first` (1-based) on."""
 
@@ -167,7 +157,7 @@ def test_a_run_ending_in_a_short_non_finite_streak_is_diverged(tmp_path: Path) -
     model = build_model(ModelConfig.from_preset("tiny", vocab_size=V, num_nextn_predict_layers=0))
     config = TrainConfig(steps=4, batch_size=2, warmup_steps=1, max_bad_steps=10)  # the guard never stops it
     log = LogConfig(log_every=1, eval_every=0, save_every=2, progress=False, tensorboard=False)
-    result = Trainer(model, StatefulLoader(_Rows(T=8), 2), config, log, tmp_path, loss=_NaNFrom(3)).fit()
+    result = Trainer(model, StatefulLoader(RandomRows(V, T=8), 2), config, log, tmp_path, loss=_NaNFrom(3)).fit()
     assert result.status == "diverged" and result.step == 4
     assert "steps 3-4 (2 in a row) were non-finite (last: loss=nan)" in result.reason
     assert "the newest checkpoint is step-00000002" in result.reason
@@ -190,3 +180,30 @@ def test_cli_run_that_ends_non_finite_exits_non_zero_naming_the_steps(tmp_path: 
     assert code == 3, out
     assert "pretrain diverged at step 3 (steps 2-3 (2 in a row) were non-finite" in out and "completed" not in out
     assert not list_checkpoints(tmp_path / "run" / "checkpoints")
+
+
+def test_grpo_run_ending_in_non_finite_steps_is_diverged_and_saves_nothing_from_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import r1forge.rl.grpo_trainer as grpo_trainer
+    from r1forge.rl.grpo_run import run_grpo
+
+    real_loss, calls = grpo_trainer.grpo_loss, []
+
+    def nan_after_first_step(*args: object, **kwargs: object) -> tuple:
+        loss, info = real_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss * math.nan if len(calls) > 1 else loss), info  # one micro-batch per step here
+
+    monkeypatch.setattr(grpo_trainer, "grpo_loss", nan_after_first_step)
+    init = save_tiny_policy(tmp_path / "init")
+    cfg = load_run_config(GRPORunConfig, None, [
+        "--run_dir", str(tmp_path / "run"), "--model.init_from", str(init), "--grpo.steps", "3",
+        "--grpo.prompts_per_step", "2", "--grpo.num_generations", "2", "--grpo.max_completion_length", "4",
+        "--log.save_every", "1", "--data.synthetic_problems", "10", "--log.eval_problems", "0",
+        "--log.tensorboard", "false", "--log.progress", "false", "--log.plots", "false", "--device", "cpu",
+        "--rewards", "{format: 1.0}"])
+    result = run_grpo(cfg)
+    assert result.status == "diverged" and result.step == 3
+    assert "steps 2-3 (2 in a row) were non-finite (last: loss=nan, grad_norm=nan)" in result.reason
+    assert [s for s, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [1]
+    assert read_metrics(tmp_path / "run")[-1]["event"] == "diverged"

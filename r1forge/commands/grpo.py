@@ -1,7 +1,8 @@
 """`r1forge grpo CONFIG.yaml [--resume] [--grpo.beta 0.04 ...]`: GRPO from a YAML run config.
 
 Every config field can be overridden as a dotted option after the config file; `--print-config` shows the
-resolved config and exits. The work is `r1forge.rl.grpo_run.run_grpo`. Exit codes: 0 done, 2 bad input.
+resolved config and exits. The work is `r1forge.rl.grpo_run.run_grpo`. Exit codes: 0 done, 2 bad input, 3 diverged
+(the run ended in non-finite steps).
 """
 
 from __future__ import annotations
@@ -27,6 +28,6 @@ def run(args: argparse.Namespace) -> int:
         for path in result.plots:
             print(f"plot: {path}")
         print(f"checkpoint: {result.checkpoint}")
-        return 0
+        return 0 if result.status == "completed" else 3
 
     return run_with_errors(main)

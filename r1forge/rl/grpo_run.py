@@ -98,6 +98,8 @@ class GRPOResult:
     checkpoint: Path | None
     run_dir: Path
     plots: list[Path]
+    status: str = "completed"  # or "diverged": the last steps were non-finite (no update made, none saved)
+    reason: str = ""  # which steps, and what was non-finite
 
 
 def eval_record(result: EvalResult, prefix: str = "eval") -> dict[str, float]:
@@ -168,7 +170,9 @@ def run_grpo(cfg: GRPORunConfig, resume: bool = False, before: EvalResult | None
                 result = trainer.evaluate(held_out)
                 logger.log(step, {"event": "eval", **eval_record(result)})
                 progress.write(f"step {step}: held-out accuracy {result.accuracy:.3f} +- {result.stderr:.3f}")
-            if cfg.log.save_every and step % cfg.log.save_every == 0 and step < cfg.grpo.steps:
+            # no checkpoint in the middle of a non-finite streak: the newest one stays a healthy step's
+            if cfg.log.save_every and step % cfg.log.save_every == 0 and step < cfg.grpo.steps \
+                    and not trainer.guard.consecutive:
                 saved = _save(trainer, run_dir, cfg, tokenizer)
     finally:
         progress.close()
@@ -179,14 +183,21 @@ def run_grpo(cfg: GRPORunConfig, resume: bool = False, before: EvalResult | None
         print(f"after GRPO ({trainer.step_count} steps, {time.perf_counter() - t0:.0f}s): accuracy "
               f"{after.accuracy:.3f} +- {after.stderr:.3f}, format {after.format_rate:.3f}, "
               f"length {after.mean_length:.1f} tokens")
-    saved = _save(trainer, run_dir, cfg, tokenizer)
+    status, reason = "completed", ""
+    if trainer.guard.consecutive:  # the run ends inside a non-finite streak: not finished, nothing saved from it
+        status, reason = "diverged", f"{trainer.guard.describe(trainer.step_count)}; no checkpoint saved from it"
+        logger.log(trainer.step_count, {"event": "diverged", "reason": reason,
+                                        "first_bad_step": trainer.guard.streak_start})
+        print(f"grpo diverged at step {trainer.step_count} ({reason})")
+    else:
+        saved = _save(trainer, run_dir, cfg, tokenizer)
     logger.close()
     plots: list[Path] = []
     if cfg.log.plots:
         from r1forge.rl.plots import plot_grpo_run
 
         plots = plot_grpo_run(run_dir)
-    return GRPOResult(trainer.step_count, before, after, saved, run_dir, plots)
+    return GRPOResult(trainer.step_count, before, after, saved, run_dir, plots, status, reason)
 
 
 def _save(trainer: GRPOTrainer, run_dir: Path, cfg: GRPORunConfig, tokenizer: Any) -> Path:
