@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from r1forge.checkpoint.atomic import fsync_path
 from r1forge.checkpoint.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -75,8 +76,6 @@ def write_manifest(directory: Path, names: Iterable[str] | None = None,
     training checkpoint does not hash its weights twice. The manifest is written to a temporary name, fsynced
     and renamed, so a reader sees the old manifest or the new one, never half of one.
     """
-    from r1forge.checkpoint.atomic import fsync_path
-
     names = sorted(names) if names is not None else _listed_files(directory)
     files: dict[str, dict[str, Any]] = {}
     to_hash: list[str] = []
