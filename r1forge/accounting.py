@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -70,3 +71,54 @@ def kv_cache_bytes_per_token(config: ModelConfig, element_size: int = 2) -> Cach
     mla = config.latent_dim * L * element_size
     per_head = config.qk_head_dim + config.v_head_dim
     return CacheBytes(mla=mla, mha=H * per_head * L * element_size, gqa8=min(8, H) * per_head * L * element_size)
+
+
+# ---------------------------------------------------------------------------------------------- will it fit?
+def available_memory(device: str | torch.device) -> int | None:
+    """Bytes free on `device`: CUDA from the driver, CPU from /proc/meminfo's MemAvailable (sysconf elsewhere);
+    None where it cannot be told (meta, MPS, no /proc), in which case nothing is refused."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        return int(torch.cuda.mem_get_info(device.index if device.index is not None else torch.cuda.current_device())[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e12:.1f} TB" if n >= 1e12 else f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def check_model_fits(config: ModelConfig, device: str | torch.device, dtype: torch.dtype = torch.float32,
+                     include_mtp: bool = False, copies: int = 1, what: str = "the model") -> int:
+    """Refuse (ValueError) to allocate a model `device` cannot hold; returns the bytes it needs.
+
+    Why: ModelConfig's defaults are DeepSeek-V3's, so an empty or partial config.json describes a 671B model,
+    and allocating it fails only after minutes of swapping, or by the kernel's OOM killer with no message.
+    `copies`: parameter-sized tensors per parameter (1 to load or serve; 4 to train with AdamW: weights,
+    gradients and two moments). Activations and caches come on top, so passing is necessary, not sufficient.
+    """
+    total, _ = count_parameters(config, include_mtp=include_mtp)
+    need = total * torch.empty((), dtype=dtype).element_size() * copies
+    free = available_memory(device)
+    if free is not None and need > free:
+        per = f" x {copies} copies (weights, gradients, AdamW moments)" if copies > 1 else ""
+        raise ValueError(
+            f"{what} needs {need:,} bytes ({_gb(need)}: {total / 1e9:.2f}B parameters in {str(dtype).removeprefix('torch.')}"
+            f"{per}) but {torch.device(device)} has {free:,} bytes ({_gb(free)}) available; refusing to allocate it. "
+            f"(hidden_size={config.hidden_size}, num_hidden_layers={config.num_hidden_layers}, n_routed_experts="
+            f"{config.n_routed_experts}: missing keys take DeepSeek-V3's 671B defaults, so an empty config.json "
+            "means the full model)")
+    return need

@@ -22,6 +22,22 @@ SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 ROPE_TYPES = ("default", "yarn")
 DEEPSEEK_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+# Key types, checked before any comparison (ModelConfig._validate_types).
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings")
+_NON_NEGATIVE_INTS = ("qk_nope_head_dim", "first_k_dense_replace", "num_nextn_predict_layers")
+_OPTIONAL_INTS = ("q_lora_rank", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group",
+                  "topk_group")  # null allowed
+_OPTIONAL_POSITIVE = ("q_lora_rank", "n_group", "topk_group")  # when not null
+_POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor")
+_NON_NEGATIVE_FLOATS = ("initializer_range",)
+_BOOLS = ("norm_topk_prob", "rope_interleave", "tie_word_embeddings", "attention_bias")
+_STRINGS = ("model_type", "scoring_func", "topk_method", "hidden_act")
+
+
+def _finite(value: Any) -> bool:
+    """A real finite number (int or float, not a bool or a numeric string)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -114,37 +130,34 @@ class ModelConfig:
         # whose V3 config defaults it to 128 whatever the head count, so it is normalised, not validated.
         self.num_key_value_heads = self.num_attention_heads
         if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise ValueError(f"ModelConfig: invalid `rope_scaling`: must be null or a mapping, got "
+                                 f"{self.rope_scaling!r}")
             self.rope_scaling = dict(self.rope_scaling)
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the key for unknown or inconsistent values."""
+        """Raise ValueError naming the key for unknown or inconsistent values.
+
+        Types first (a string, a null or a NaN where a size belongs is a one-line error naming the key, never a
+        TypeError from a comparison further on), then ranges, then the relations between keys.
+        """
 
         def bad(key: str, msg: str) -> ValueError:
             return ValueError(f"ModelConfig: invalid `{key}`: {msg}")
 
+        self._validate_types(bad)
         if self.model_type not in DEEPSEEK_MODEL_TYPES:
             hint = " (a dense model: read it with r1forge.auto_config.config_from_dict or DenseConfig)" \
                 if self.model_type in ("qwen2", "llama") else ""
             raise bad("model_type", f"expected one of {DEEPSEEK_MODEL_TYPES}, got {self.model_type!r}{hint}")
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                    "qk_rope_head_dim", "v_head_dim"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise bad(key, f"must be a positive integer, got {value!r}")
         if self.qk_rope_head_dim % 2:
             raise bad("qk_rope_head_dim", f"must be even for rotary pairs, got {self.qk_rope_head_dim}")
-        if not isinstance(self.qk_nope_head_dim, int) or self.qk_nope_head_dim < 0:
-            raise bad("qk_nope_head_dim", f"must be a non-negative integer, got {self.qk_nope_head_dim!r}")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
-            raise bad("q_lora_rank", f"must be null or a positive integer, got {self.q_lora_rank!r}")
         if self.hidden_act != "silu":
             raise bad("hidden_act", f"only 'silu' (SwiGLU) is supported, got {self.hidden_act!r}")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
             raise bad("first_k_dense_replace", f"must be in [0, num_hidden_layers={self.num_hidden_layers}], "
                       f"got {self.first_k_dense_replace}")
-        if self.num_nextn_predict_layers < 0:
-            raise bad("num_nextn_predict_layers", f"must be >= 0, got {self.num_nextn_predict_layers}")
         if self.first_k_dense_replace < self.num_hidden_layers and not self.n_routed_experts:
             # A config without routed experts is a dense model; every layer uses the dense FFN.
             self.first_k_dense_replace = self.num_hidden_layers
@@ -156,8 +169,37 @@ class ModelConfig:
             for key in ("factor", "original_max_position_embeddings"):
                 if key not in self.rope_scaling:
                     raise bad(f"rope_scaling.{key}", "required for yarn rope scaling")
+            for key, value in self.rope_scaling.items():
+                if key not in ("type", "rope_type") and not _finite(value):
+                    raise bad(f"rope_scaling.{key}", f"must be a finite number, got {value!r}")
             if float(self.rope_scaling["factor"]) < 1:
                 raise bad("rope_scaling.factor", f"must be >= 1, got {self.rope_scaling['factor']}")
+
+    def _validate_types(self, bad) -> None:
+        """Each key's type and sign; NaN and inf are refused wherever a number belongs."""
+        for key in _POSITIVE_INTS + _NON_NEGATIVE_INTS + _OPTIONAL_INTS:
+            value = getattr(self, key)
+            if value is None and key in _OPTIONAL_INTS:
+                continue
+            low = 1 if key in _POSITIVE_INTS or key in _OPTIONAL_POSITIVE else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                kind = "a positive integer" if low else "a non-negative integer"
+                raise bad(key, f"must be {'null or ' if key in _OPTIONAL_INTS else ''}{kind}, got {value!r}")
+        for key in _POSITIVE_FLOATS + _NON_NEGATIVE_FLOATS:
+            value = getattr(self, key)
+            if not _finite(value) or value < 0 or (key in _POSITIVE_FLOATS and value == 0):
+                kind = "positive" if key in _POSITIVE_FLOATS else "non-negative"
+                raise bad(key, f"must be a finite {kind} number, got {value!r}")
+        for key in _BOOLS:
+            if not isinstance(getattr(self, key), bool):
+                raise bad(key, f"must be true or false, got {getattr(self, key)!r}")
+        for key in _STRINGS:
+            if not isinstance(getattr(self, key), str):
+                raise bad(key, f"must be a string, got {getattr(self, key)!r}")
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise bad(key, f"must be null or an integer token id, got {value!r}")
 
     def _validate_moe(self, bad) -> None:
         if self.scoring_func not in SCORING_FUNCS:
@@ -167,10 +209,6 @@ class ModelConfig:
         if not self.num_experts_per_tok or self.num_experts_per_tok > self.n_routed_experts:
             raise bad("num_experts_per_tok", f"must be in [1, n_routed_experts={self.n_routed_experts}], "
                       f"got {self.num_experts_per_tok}")
-        if self.intermediate_size <= 0:
-            raise bad("intermediate_size", f"must be positive, got {self.intermediate_size}")
-        if self.moe_intermediate_size <= 0:
-            raise bad("moe_intermediate_size", f"must be positive, got {self.moe_intermediate_size}")
         n_group = self.n_group or 1
         topk_group = self.topk_group or 1
         if n_group <= 0 or self.n_routed_experts % n_group:
@@ -184,16 +222,19 @@ class ModelConfig:
             if self.num_experts_per_tok > topk_group * per_group:
                 raise bad("num_experts_per_tok", f"{self.num_experts_per_tok} experts cannot be chosen from "
                           f"topk_group={topk_group} groups of {per_group}")
-        if self.routed_scaling_factor <= 0:
-            raise bad("routed_scaling_factor", f"must be positive, got {self.routed_scaling_factor}")
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
         """Read an HF config.json dict (transformers 4 or 5 form, V2 or V3)."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"ModelConfig: config.json must hold a mapping of keys, got {type(raw).__name__}")
         raw = dict(raw)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         rope_parameters = raw.pop("rope_parameters", None)
+        for key, value in (("rope_parameters", rope_parameters), ("rope_scaling", raw.get("rope_scaling"))):
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"ModelConfig: invalid `{key}`: must be null or a mapping, got {value!r}")
         if rope_parameters:
             rope_parameters = dict(rope_parameters)
             raw.setdefault("rope_theta", rope_parameters.pop("rope_theta", 10000.0))

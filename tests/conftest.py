@@ -92,3 +92,32 @@ def make_hf_checkpoint(path: str | Path, arch: str = "v3", seed: int = 0, std: f
 def hf_checkpoint(tmp_path: Path) -> Path:
     """A default tiny V3 checkpoint directory (TINY_V3, seed 0)."""
     return make_hf_checkpoint(tmp_path / "hf-v3")
+
+
+class RandomRows:
+    """A map-style dataset of `n` random next-token rows over `vocab` ids, `T` tokens each (for r1forge Trainers)."""
+
+    def __init__(self, vocab: int, n: int = 16, T: int = 12, seed: int = 0) -> None:
+        self.ids = torch.randint(0, vocab, (n, T + 1), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i, :-1], "labels": self.ids[i, 1:]}
+
+
+def save_tiny_policy(out: Path, seed: int = 0) -> Path:
+    """A tokenizer trained on the built-in corpus and a random tiny r1forge model sized to it, saved in `out` (a
+    model directory GRPO's `model.init_from` and `r1forge.load_model` read)."""
+    from r1forge import ModelConfig, build_model
+    from r1forge.data import load_tokenizer, make_pretrain_corpus, train_tokenizer
+
+    train_tokenizer(None, out, vocab_size=300, texts=make_pretrain_corpus(100, 0))
+    tok = load_tokenizer(out)
+    torch.manual_seed(seed)
+    config = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id,
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                     num_nextn_predict_layers=0)
+    build_model(config).save_pretrained(out)
+    return out

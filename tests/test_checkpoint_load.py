@@ -34,7 +34,8 @@ def test_single_file_round_trip_bit_exact(tmp_path):
     model.model.layers[0].mlp.gate.float()  # the router stays float32 in a bf16 model
     save_checkpoint(model, tmp_path / "ckpt")
     ckpt = tmp_path / "ckpt"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checksums.json", "config.json", "generation_config.json",
+                                                      "model.safetensors"]
     umask = os.umask(0)
     os.umask(umask)
     assert ckpt.stat().st_mode & 0o777 == 0o777 & ~umask  # not the 0700 of a temporary directory
@@ -235,6 +236,7 @@ def test_real_model_from_fp8_checkpoint(tmp_path):
     for key in quantised:
         tensors[key], tensors[key + "_scale_inv"] = quantize_fp8_blockwise(tensors[key])
     (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "checksums.json").unlink()  # weights replaced by hand: the manifest no longer describes them
     write(tmp_path, tensors)
     loaded = r1forge.load_model(tmp_path, dtype=torch.bfloat16)
     reference = model.state_dict()

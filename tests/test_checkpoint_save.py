@@ -54,8 +54,8 @@ def test_save_over_existing_checkpoint_replaces_weights_keeps_other_files(tmp_pa
     save_checkpoint(model, ckpt)
     assert ckpt.stat().st_mode & 0o777 == 0o750
     names = sorted(p.name for p in ckpt.iterdir())
-    assert names == ["adapter.safetensors", "assets", "config.json", "generation_config.json", "model.safetensors",
-                     "tokenizer.json"]
+    assert names == ["adapter.safetensors", "assets", "checksums.json", "config.json", "generation_config.json",
+                     "model.safetensors", "tokenizer.json"]
     assert (ckpt / "tokenizer.json").read_text() == '{"tok": 1}'
     assert (ckpt / "assets" / "figure.txt").read_text() == "kept"
     assert json.loads((ckpt / "generation_config.json").read_text()) == {
@@ -78,7 +78,7 @@ def test_saved_files_get_the_umask_permissions(tmp_path, umask):
         sharded = {p.name: p.stat().st_mode & 0o777 for p in ckpt.iterdir()}
     finally:
         os.umask(old)
-    assert sorted(modes) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(modes) == ["checksums.json", "config.json", "generation_config.json", "model.safetensors"]
     assert len(sharded) > 4 and "model.safetensors.index.json" in sharded
     for name, mode in {**modes, **sharded}.items():
         assert mode == 0o666 & ~umask, (name, oct(mode))

@@ -6,7 +6,8 @@
 
 Files: keys.py (names, the MTP layer rule), fp8.py (block-wise FP8), files.py (layout, index, headers),
 summary.py (what the headers say, for `r1forge info`), load.py, save.py, atomic.py (putting a finished directory
-in place). The layout and the FP8 format: docs/design.md section 6.
+in place), manifest.py (checksums.json: every file's size and SHA-256, verified on load and resume). The layout
+and the FP8 format: docs/design.md section 6.
 """
 
 from r1forge.checkpoint.errors import CheckpointError

@@ -33,7 +33,10 @@ from r1forge.checkpoint.fp8 import (
     dequantize_fp8_blockwise,
     scale_grid_shape,
 )
-from r1forge.checkpoint.keys import is_scale_key, layer_of, mtp_depth_of, route_key, scale_key_of, weight_key_of
+from r1forge.checkpoint.keys import (
+    INDEX_FILE, is_scale_key, is_weight_file, layer_of, mtp_depth_of, route_key, scale_key_of, weight_key_of,
+)
+from r1forge.checkpoint.manifest import verify_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +186,17 @@ class _Planner:
         return [name for name, t in self.targets.items() if id(t) not in loaded_ids]
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True) -> LoadReport:
+def _verify_weights(path: Path, verify: str | None) -> None:
+    """Check the weight files (and index) of `path` against the manifest beside them, if there is one."""
+    if path.is_dir():
+        verify_checkpoint(path, verify, names=[p.name for p in path.iterdir()
+                                               if is_weight_file(p.name) or p.name == INDEX_FILE])
+    elif path.is_file():
+        verify_checkpoint(path.parent, verify, names=[path.name])
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True,
+                    verify: str | None = None) -> LoadReport:
     """Fill every parameter and persistent buffer of `model` from a safetensors checkpoint.
 
     Args:
@@ -194,6 +207,9 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True) 
             `.safetensors` file.
         strict: raise on missing or unexpected tensors; with False they are only reported. Shape mismatches,
             unreadable files and FP8 tensors without a usable scale always raise.
+        verify: check the weight files against the directory's `checksums.json` first: "size" (the default,
+            free), "full" (SHA-256 of every file) or "none"; None reads $R1FORGE_VERIFY_CHECKPOINT. A
+            directory without a manifest (a Hugging Face download) is not verified.
     Returns:
         A LoadReport (also logged at INFO).
     Raises:
@@ -202,8 +218,16 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True) 
     if not isinstance(getattr(getattr(model, "config", None), "num_hidden_layers", None), int):
         raise CheckpointError(f"{type(model).__name__} has no `config.num_hidden_layers`: it is needed to tell MTP "
                               "layers (stored at model.layers.{num_hidden_layers + k}) from decoder layers")
-    files, weight_map = resolve_weight_files(path)
-    infos = scan_headers(files, weight_map)
+    try:
+        files, weight_map = resolve_weight_files(path)
+        infos = scan_headers(files, weight_map)
+    except CheckpointError as e:  # unreadable index or header: say too which files the checksums find damaged
+        try:
+            _verify_weights(Path(path), verify)
+        except CheckpointError as damaged:
+            raise CheckpointError(f"{e}\n{damaged}") from None
+        raise
+    _verify_weights(Path(path), verify)
     planner = _Planner(model, infos, _block_size(model.config))
     on_meta = [name for name, t in planner.targets.items() if t.is_meta]
     if on_meta:

@@ -1,7 +1,7 @@
 """`save_checkpoint`: a model -> the Hugging Face / DeepSeek directory layout, written atomically.
 
-Layout: `config.json`, `generation_config.json`, and `model.safetensors` when the weights fit in one shard,
-else `model-00001-of-0000M.safetensors` ... with `model.safetensors.index.json` (`metadata.total_size`,
+Layout: `config.json`, `generation_config.json`, `checksums.json` (r1forge.checkpoint.manifest), and
+`model.safetensors` when the weights fit in one shard, else `model-00001-of-0000M.safetensors` ... with `model.safetensors.index.json` (`metadata.total_size`,
 `weight_map`). Each file carries `metadata={"format": "pt"}` (transformers refuses files without it).
 MTP modules are written as DeepSeek stores them: `model.mtp.{k}.X` -> `model.layers.{N + k}.X`, plus that
 layer's copies of the embedding and head. See `r1forge.checkpoint.atomic` for how the directory is put in place.
@@ -31,6 +31,7 @@ from r1forge.checkpoint.keys import (
     shard_name,
     to_checkpoint_key,
 )
+from r1forge.checkpoint.manifest import write_manifest
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -182,6 +183,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, max_shard_size: int |
     at any point leaves either the previous checkpoint or the new one at `path`, never a mixture. When `path`
     already exists its weight files, config.json and generation_config.json are replaced and every other entry
     (tokenizer, chat template, README, subfolders) is kept; generation_config.json keeps its sampling defaults.
+    `checksums.json` lists the size and SHA-256 of every file written (see r1forge.checkpoint.manifest).
 
     Args:
         model: exposes `.config` (`num_hidden_layers`, `tie_word_embeddings`, `bos/eos_token_id`, `save_json`).
@@ -214,6 +216,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, max_shard_size: int |
         config.save_json(staging / "config.json")
         fsync_path(staging / "config.json")
         _write_json(_generation_config(config, target / "generation_config.json"), staging / "generation_config.json")
+        write_manifest(staging)  # last: the sizes and SHA-256 of everything above
         apply_umask(staging)
         replace_directory(staging, target)
     except BaseException:

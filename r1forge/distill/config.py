@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from r1forge.rl.templates import TEMPLATES
-from r1forge.train.config import LogConfig, ProblemSet, TrainConfig
+from r1forge.train.config import LogConfig, ProblemSet, TrainConfig, finite_number
 
 MODES = ("sft", "kl")
 SEQUENCES = ("teacher", "dataset")
@@ -69,9 +69,9 @@ class DistillDataConfig(ProblemSet):
             raise ValueError(f"{prefix}.template must be one of {TEMPLATES}, got {self.template!r}")
         if self.sequences not in SEQUENCES:
             raise ValueError(f"{prefix}.sequences must be one of {SEQUENCES}, got {self.sequences!r}")
-        if self.temperature < 0:
+        if finite_number(self, prefix, "temperature") < 0:
             raise ValueError(f"{prefix}.temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < finite_number(self, prefix, "top_p") <= 1:
             raise ValueError(f"{prefix}.top_p must be in (0, 1], got {self.top_p}")
         if self.max_per_prompt is not None and self.max_per_prompt <= 0:
             raise ValueError(f"{prefix}.max_per_prompt must be positive or null, got {self.max_per_prompt}")
@@ -85,9 +85,9 @@ class KLConfig:
     ce_weight: float = 0.0  # plus this times the cross-entropy on the sequences' own tokens
 
     def validate(self, prefix: str = "kl") -> None:
-        if self.temperature <= 0:
+        if finite_number(self, prefix, "temperature") <= 0:
             raise ValueError(f"{prefix}.temperature must be > 0, got {self.temperature}")
-        if self.ce_weight < 0:
+        if finite_number(self, prefix, "ce_weight") < 0:
             raise ValueError(f"{prefix}.ce_weight must be >= 0, got {self.ce_weight}")
 
 

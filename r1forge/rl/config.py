@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from r1forge.rl.grpo_loss import LOSS_TYPES, SCALE_REWARDS
 from r1forge.rl.rewards import combine_rewards
 from r1forge.rl.templates import TEMPLATES
-from r1forge.train.config import ModelSection, ProblemSet
+from r1forge.train.config import ModelSection, ProblemSet, finite_number, in_range
 
 
 @dataclass
@@ -51,24 +51,26 @@ class GRPOConfig:
     seed: int = 0  # rollout sampling and prompt order
     rollout_cuda_graphs: bool = False  # rollout engine: decode steps as CUDA graphs (CUDA only)
     rollout_compile: bool = False  # rollout engine: torch.compile'd decode steps
+    reward_timeout_s: float = 10.0  # a reward call running longer scores 0, counted as a timeout (and left behind)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self, prefix: str = "grpo") -> None:
         """Checks every value (also after YAML / command-line overrides); errors name the dotted key."""
+        # every number finite and of a number type before any comparison (NaN compares false to everything)
         for key in ("steps", "prompts_per_step", "max_prompt_length", "max_completion_length", "num_iterations",
-                    "micro_batch_size", "learning_rate", "temperature"):
-            if getattr(self, key) <= 0:
+                    "micro_batch_size", "learning_rate", "temperature", "max_grad_norm", "reward_timeout_s"):
+            if finite_number(self, prefix, key) <= 0:
                 raise ValueError(f"{prefix}.{key} must be > 0, got {getattr(self, key)}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < finite_number(self, prefix, "top_p") <= 1:
             raise ValueError(f"{prefix}.top_p must be in (0, 1], got {self.top_p}")
         for key in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, key) < 1:
-                raise ValueError(f"{prefix}.{key} must be in [0, 1), got {getattr(self, key)}")
+            in_range(self, prefix, key, 0, 1, high_open=True)
         for key in ("weight_decay", "warmup_steps", "ref_model_sync_steps", "overlong_buffer", "max_resample_rounds",
-                    "bias_update_gamma", "log_completions_every"):
-            if getattr(self, key) < 0:
+                    "bias_update_gamma", "log_completions_every", "beta", "epsilon_low", "epsilon_high",
+                    "overlong_penalty_factor", "seed"):
+            if finite_number(self, prefix, key) < 0:
                 raise ValueError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"{prefix}.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")

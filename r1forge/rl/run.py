@@ -33,13 +33,14 @@ from r1forge.train.run import build_run_model
 
 @dataclass
 class GRPOResult:
-    status: str  # "completed" (a step with a non-finite gradient norm is skipped, not fatal)
+    status: str  # "completed", or "diverged": the last steps were non-finite (no update made, none saved)
     step: int
     before: EvalResult | None
     after: EvalResult | None
     checkpoint: Path | None
     run_dir: Path
     plots: list[Path]
+    reason: str = ""  # when diverged: which steps, and what was non-finite
 
 
 def run_grpo(cfg: GRPORunConfig, resume: bool = False, before: EvalResult | None = None) -> GRPOResult:
@@ -96,7 +97,9 @@ def run_grpo(cfg: GRPORunConfig, resume: bool = False, before: EvalResult | None
                 result = trainer.evaluate(held_out)
                 logger.log(step, {"event": "eval", **eval_record(result)})
                 progress.write(f"step {step}: held-out accuracy {result.accuracy:.3f} +- {result.stderr:.3f}")
-            if cfg.log.save_every and step % cfg.log.save_every == 0 and step < cfg.grpo.steps:
+            # no checkpoint in the middle of a non-finite streak: the newest one stays a healthy step's
+            if cfg.log.save_every and step % cfg.log.save_every == 0 and step < cfg.grpo.steps \
+                    and not trainer.guard.consecutive:
                 saved = _save(trainer, run_dir, cfg, tokenizer)
     finally:
         progress.close()
@@ -107,7 +110,14 @@ def run_grpo(cfg: GRPORunConfig, resume: bool = False, before: EvalResult | None
         print(f"after GRPO ({trainer.step_count} steps, {time.perf_counter() - t0:.0f}s): accuracy "
               f"{after.accuracy:.3f} +- {after.stderr:.3f}, format {after.format_rate:.3f}, "
               f"length {after.mean_length:.1f} tokens")
-    saved = _save(trainer, run_dir, cfg, tokenizer)
+    status, reason = "completed", ""
+    if trainer.guard.consecutive:  # the run ends inside a non-finite streak: not finished, nothing saved from it
+        status, reason = "diverged", f"{trainer.guard.describe(trainer.step_count)}; no checkpoint saved from it"
+        logger.log(trainer.step_count, {"event": "diverged", "reason": reason,
+                                        "first_bad_step": trainer.guard.streak_start})
+        print(f"grpo diverged at step {trainer.step_count} ({reason})")
+    else:
+        saved = _save(trainer, run_dir, cfg, tokenizer)
     logger.close()
     plots: list[Path] = []
     if cfg.log.plots:
@@ -117,7 +127,7 @@ def run_grpo(cfg: GRPORunConfig, resume: bool = False, before: EvalResult | None
     for path in plots:
         print(f"plot: {path}")
     print(f"checkpoint: {saved}")
-    return GRPOResult("completed", trainer.step_count, before, after, saved, run_dir, plots)
+    return GRPOResult(status, trainer.step_count, before, after, saved, run_dir, plots, reason)
 
 
 def _save(trainer: GRPOTrainer, run_dir: Path, cfg: GRPORunConfig, tokenizer: Any) -> Path:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import random
 import time
@@ -28,10 +29,11 @@ from r1forge.engine import LLM
 from r1forge.rl.config import GRPOConfig
 from r1forge.rl.evaluate import EvalResult, evaluate
 from r1forge.rl.grpo_loss import dynamic_sampling_filter, group_advantages, grpo_loss, zero_std_group_fraction
-from r1forge.rl.rewards import overlong_penalty
+from r1forge.rl.rewards import CombinedReward, overlong_penalty
 from r1forge.rl.rollout import RolloutBatch, completion_logprobs, generate_rollouts
 from r1forge.rl.templates import render_prompt
 from r1forge.train.balance import ExpertLoadTracker, update_router_biases
+from r1forge.train.guard import NonFiniteGuard
 from r1forge.train.schedule import build_optimizer, build_scheduler
 
 
@@ -66,7 +68,9 @@ class GRPOTrainer:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        self.reward_fn = reward_fn
+        # rewards by name (combine_rewards) get the per-call time limit; a plain callable is called as it is
+        self.reward_fn = reward_fn.with_timeout(config.reward_timeout_s) if isinstance(reward_fn, CombinedReward) \
+            else reward_fn
         self.examples = train_examples
         # Decode graphs stay valid across updates: the optimizer changes the weights in place, at the same addresses.
         self.llm = llm or LLM(model, tokenizer=tokenizer, max_num_seqs=config.prompts_per_step * config.num_generations,
@@ -83,13 +87,17 @@ class GRPOTrainer:
         self.order: list[int] = []
         self.step_count = 0
         self.load_tracker = ExpertLoadTracker(model) if config.bias_update_gamma > 0 else None
+        # A step whose loss or gradient norm is non-finite makes no update (see _optimise); the guard remembers the
+        # streak so that a run ending in one is reported as diverged, never as finished.
+        self.guard = NonFiniteGuard(max_bad_steps=config.steps + 1)
 
     # ------------------------------------------------------------------ resumable state
     def extra_state(self) -> dict[str, Any]:
         """What a checkpoint needs beyond weights and optimizer to continue exactly: the prompt order (the
         rollout seeds derive from the step), and the reference model when it was re-synced since the start."""
         version, internal, gauss = self.rng.getstate()
-        state: dict[str, Any] = {"order": list(self.order), "rng": [version, list(internal), gauss]}
+        state: dict[str, Any] = {"order": list(self.order), "rng": [version, list(internal), gauss],
+                                 "guard": self.guard.state_dict()}
         if self.ref_model is not None and self.ref_synced:
             state["ref_model"] = {k: v.detach().cpu() for k, v in self.ref_model.state_dict().items()}
         return state
@@ -99,6 +107,7 @@ class GRPOTrainer:
         self.order = [int(i) for i in state["order"]]
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
+        self.guard.load_state_dict(state.get("guard", {}))
         if self.ref_model is not None and "ref_model" in state:
             self.ref_model.load_state_dict(state["ref_model"])
             self.ref_synced = True
@@ -178,8 +187,12 @@ class GRPOTrainer:
             with torch.no_grad():
                 ref_logprobs, _ = completion_logprobs(self.ref_model, batch, cfg.temperature, cfg.micro_batch_size)
         loss_metrics: dict[str, float] = {}
+        passes: list[tuple[str, float]] = []  # (name, value) of every pass's loss and gradient norm
         for _ in range(cfg.num_iterations):
             loss_metrics = self._optimise(batch, advantages, mask, ref_logprobs)
+            passes += [("loss", loss_metrics["loss"]), ("grad_norm", loss_metrics["grad_norm"])]
+        self.guard.check(*(v for _, v in passes), step=self.step_count + 1,
+                         reason=", ".join(f"{k}={v}" for k, v in passes if not math.isfinite(v)))
         self.model.eval()
         self.llm.reset_prefix_cache()
         self.step_count += 1

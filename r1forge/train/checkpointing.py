@@ -5,12 +5,16 @@
         tokenizer.json, tokenizer_config.json                    (loads in transformers.AutoTokenizer)
         training_state.pt    optimizer, scheduler, RNG states (torch, CUDA, python, numpy), `extra`
                              (data position, guard counters, ...), loaded with weights_only=True
-        trainer_state.json   step and human-readable info; written last
+        trainer_state.json   step and human-readable info
+        checksums.json       size and SHA-256 of every file above (r1forge.checkpoint.manifest); written last,
+                             verified in full on every resume
 
 The directory is assembled under a hidden staging name (`.step-00000400.tmp-PID-XXXX`) in the same folder,
 every file fsynced, and renamed into place in one step. A kill at any moment therefore leaves either no
 `step-N` or a complete one; `latest_checkpoint` only ever returns complete ones, and `clean_staging` removes
 the leftovers of killed saves. The model directory itself loads with `r1forge.load_model` and transformers.
+A checkpoint whose bytes no longer match its checksums is refused, naming the file; `resume="latest-intact"`
+(`--resume latest-intact`) instead skips back to the newest checkpoint that verifies.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from r1forge.checkpoint import save_checkpoint
+from r1forge.checkpoint import CheckpointError, save_checkpoint
 from r1forge.checkpoint.atomic import exchange_directories, fsync_path
+from r1forge.checkpoint.manifest import MANIFEST_FILE, read_manifest, verify_checkpoint, write_manifest
 
 TRAINING_STATE_FILE = "training_state.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
 CHECKPOINTS_DIR = "checkpoints"
+RESUME_MODES = ("latest", "latest-intact")  # --resume [MODE]: the newest checkpoint, or the newest that verifies
 _NAME_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -89,6 +95,31 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint under `directory` (a run's `checkpoints/` folder), or None."""
     found = list_checkpoints(directory)
     return found[-1][1] if found else None
+
+
+def resume_mode(resume: bool | str) -> str | None:
+    """None (start fresh), "latest" or "latest-intact" from a run's `resume` argument (True means "latest")."""
+    if resume is False or resume is None:
+        return None
+    mode = "latest" if resume is True else resume
+    if mode not in RESUME_MODES:
+        raise ValueError(f"resume must be true or one of {RESUME_MODES}, got {resume!r}")
+    return mode
+
+
+def newest_intact_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under `directory` whose files all match their checksums (None: none).
+
+    Each damaged one skipped is printed with the reason, so that falling back is never silent.
+    """
+    for step, path in reversed(list_checkpoints(directory)):
+        try:
+            verify_training_checkpoint(path)
+        except CheckpointError as e:
+            print(f"skipping checkpoint step {step}, it is damaged: {e}")
+            continue
+        return path
+    return None
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
@@ -171,7 +202,9 @@ def save_training_checkpoint(directory: str | os.PathLike, step: int, model: nn.
                  "optimizer": optimizer.state_dict() if optimizer is not None else None,
                  "scheduler": scheduler.state_dict() if scheduler is not None else None}
         _write_state(staging / TRAINING_STATE_FILE, state)
-        _write_json(staging / TRAINER_STATE_FILE, {"step": step, **(info or {})})
+        _write_json(staging / TRAINER_STATE_FILE, {"step": step, "checksums": MANIFEST_FILE, **(info or {})})
+        model_files = read_manifest(staging)  # hashed by save_checkpoint a moment ago
+        write_manifest(staging, reuse=model_files["files"] if model_files else None)
         fsync_path(staging)
         if final.exists() and exchange_directories(staging, final):  # re-saving a step: one atomic swap
             shutil.rmtree(staging, ignore_errors=True)  # now holds the old checkpoint
@@ -190,10 +223,33 @@ def save_training_checkpoint(directory: str | os.PathLike, step: int, model: nn.
     return final
 
 
+def verify_training_checkpoint(path: str | os.PathLike) -> None:
+    """Check every file of a training checkpoint against its checksums.json, in full (SHA-256).
+
+    Raises CheckpointError naming each damaged file. A checkpoint without a manifest is accepted only when its
+    trainer_state.json does not say one was written (checkpoints of r1forge before checksums existed).
+    """
+    path = Path(path)
+    if verify_checkpoint(path, "full") is not None:
+        return
+    try:
+        promised = json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8")).get("checksums")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{path / TRAINER_STATE_FILE} is unreadable ({e}) and there is no {MANIFEST_FILE} "
+                              "to verify the checkpoint with") from None
+    if promised:
+        raise CheckpointError(f"{path / MANIFEST_FILE} is missing (trainer_state.json says it was written): the "
+                              "checkpoint's files cannot be verified")
+    print(f"note: {path} has no {MANIFEST_FILE} (written before r1forge kept checksums): resuming unverified")
+
+
 def load_training_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
                              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                              restore_rng: bool = True) -> dict[str, Any]:
     """Restore a checkpoint written by `save_training_checkpoint` into the given objects.
+
+    Every file is first checked against the checkpoint's checksums (`verify_training_checkpoint`): damaged
+    bytes raise CheckpointError naming the file, before anything is restored.
 
     Returns:
         {"step": N, "extra": ..., "info": trainer_state.json's contents}.
@@ -204,8 +260,13 @@ def load_training_checkpoint(path: str | os.PathLike, model: nn.Module | None = 
     state_file = path / TRAINING_STATE_FILE
     if not state_file.is_file():
         raise ValueError(f"{path}: not a training checkpoint (no {TRAINING_STATE_FILE})")
+    try:
+        verify_training_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}\nrefusing to resume from it; resume='latest-intact' (--resume latest-intact) "
+                              "resumes from the newest checkpoint that verifies instead") from None
     if model is not None:
-        load_checkpoint(model, path, strict=True)
+        load_checkpoint(model, path, strict=True, verify="none")  # verified above
     state = torch.load(state_file, map_location="cpu", weights_only=True)
     if optimizer is not None:
         if state.get("optimizer") is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -71,11 +72,9 @@ class TrainConfig:
         _positive(self, prefix, "steps", "batch_size", "grad_accum", "lr", "max_bad_steps", "eps")
         _non_negative(self, prefix, "warmup_steps", "weight_decay", "grad_clip", "bias_update_gamma",
                       "aux_loss_alpha", "mtp_lambda")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"{prefix}.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        in_range(self, prefix, "min_lr_ratio", 0, 1)
         for key in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ValueError(f"{prefix}.{key} must be in [0, 1), got {getattr(self, key)}")
+            in_range(self, prefix, key, 0, 1, high_open=True)
 
 
 @dataclass
@@ -158,10 +157,8 @@ class PretrainDataConfig(ProblemSource):
     def validate(self, prefix: str = "data") -> None:
         super().validate(prefix)
         _positive(self, prefix, "vocab_size", "synthetic_docs", "seq_len")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"{prefix}.eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if not 0.0 <= self.problem_fraction <= 1.0:
-            raise ValueError(f"{prefix}.problem_fraction must be in [0, 1], got {self.problem_fraction}")
+        in_range(self, prefix, "eval_fraction", 0, 1, high_open=True)
+        in_range(self, prefix, "problem_fraction", 0, 1)
 
 
 @dataclass
@@ -212,16 +209,33 @@ def _key(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
+def finite_number(obj: Any, prefix: str, key: str) -> float | int:
+    """`obj.key`, checked to be a finite int or float (not a bool, a string or None) before any comparison."""
+    value = getattr(obj, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{_key(prefix, key)} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{_key(prefix, key)} must be finite, got {value}")
+    return value
+
+
 def _positive(obj: Any, prefix: str, *keys: str) -> None:
     for key in keys:
-        if getattr(obj, key) <= 0:
+        if finite_number(obj, prefix, key) <= 0:
             raise ValueError(f"{_key(prefix, key)} must be positive, got {getattr(obj, key)}")
 
 
 def _non_negative(obj: Any, prefix: str, *keys: str) -> None:
     for key in keys:
-        if getattr(obj, key) < 0:
+        if finite_number(obj, prefix, key) < 0:
             raise ValueError(f"{_key(prefix, key)} must be >= 0, got {getattr(obj, key)}")
+
+
+def in_range(obj: Any, prefix: str, key: str, low: float, high: float, high_open: bool = False) -> None:
+    """`low <= obj.key <= high` (`< high` when high_open), after `finite_number`."""
+    value = finite_number(obj, prefix, key)
+    if not (low <= value < high if high_open else low <= value <= high):
+        raise ValueError(f"{_key(prefix, key)} must be in [{low}, {high}{')' if high_open else ']'}, got {value}")
 
 
 # ---------------------------------------------------------------------------------------------- loading

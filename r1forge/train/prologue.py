@@ -4,7 +4,8 @@ written into it, the seeds, the device.
     start = start_run(cfg, resume, device=cfg.train.device, device_key="train.device")
     start.run_dir, start.checkpoint, start.device
 
-A run directory with checkpoints is only continued with `resume=True` (from its newest complete checkpoint),
+A run directory with checkpoints is only continued with `resume` (True / "latest": its newest complete
+checkpoint; "latest-intact": the newest whose checksums verify),
 never silently overwritten; the resolved config goes to `config.yaml` (a fresh run) or `config.resumed.yaml`.
 """
 
@@ -17,7 +18,9 @@ from typing import Any
 
 import torch
 
-from r1forge.train.checkpointing import CHECKPOINTS_DIR, clean_staging, latest_checkpoint
+from r1forge.train.checkpointing import (
+    CHECKPOINTS_DIR, clean_staging, latest_checkpoint, newest_intact_checkpoint, resume_mode,
+)
 from r1forge.train.config import save_run_config
 
 
@@ -47,15 +50,22 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def prepare_run_dir(run_dir: str | Path, resume: bool) -> Path | None:
+def prepare_run_dir(run_dir: str | Path, resume: bool | str) -> Path | None:
     """Create the run directory; the checkpoint to resume from (None: start fresh).
 
-    Refuses (ValueError naming run_dir) to start fresh over a run that has checkpoints.
+    `resume`: False, True / "latest" (the newest checkpoint; refused later if damaged) or "latest-intact" (the
+    newest whose checksums verify, damaged newer ones skipped and named). Refuses (ValueError naming run_dir)
+    to start fresh over a run that has checkpoints.
     """
     run_dir = Path(run_dir)
     checkpoints = run_dir / CHECKPOINTS_DIR
     clean_staging(checkpoints)
+    mode = resume_mode(resume)
     latest = latest_checkpoint(checkpoints)
+    if latest is not None and mode == "latest-intact":
+        latest = newest_intact_checkpoint(checkpoints)
+        if latest is None:
+            raise ValueError(f"--resume latest-intact: every checkpoint in {checkpoints} is damaged (see above)")
     if latest is not None and not resume:
         raise ValueError(f"run_dir {str(run_dir)!r} already has checkpoints (newest {latest.name}): pass --resume to "
                          "continue it, or choose another run_dir")
@@ -72,7 +82,7 @@ class RunStart:
     device: torch.device
 
 
-def start_run(cfg: Any, resume: bool, device: str, device_key: str) -> RunStart:
+def start_run(cfg: Any, resume: bool | str, device: str, device_key: str) -> RunStart:
     """The prologue of a run config with `run_dir` and `seed`: the directory (refusing to overwrite a run), the
     resolved config saved into it, every RNG seeded, the device resolved (errors name `device_key`)."""
     device_ = resolve_device(device, device_key)  # before anything is written: a bad device leaves no run_dir

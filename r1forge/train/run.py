@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from r1forge.accounting import check_model_fits
 from r1forge.auto_config import config_from_preset, load_config
 from r1forge.data import Tokenizer, load_tokenizer, train_tokenizer
 from r1forge.model import CausalLM, build_model
@@ -56,7 +57,9 @@ def build_run_model(section: ModelSection, tokenizer: Tokenizer, device: torch.d
         from r1forge.loading import load_model
 
         model_dir = resolve_model_dir(section.init_from)
-        mtp = section.mtp and load_config(model_dir).num_nextn_predict_layers > 0
+        config = load_config(model_dir)
+        mtp = section.mtp and config.num_nextn_predict_layers > 0
+        check_model_fits(config, device, include_mtp=mtp, copies=4, what=f"training {model_dir}")
         model = load_model(model_dir, device=device, with_mtp=mtp)
         model.config.num_nextn_predict_layers = model.num_mtp
     else:
@@ -71,6 +74,8 @@ def build_run_model(section: ModelSection, tokenizer: Tokenizer, device: torch.d
         config = config_from_preset(section.preset, **overrides)
         if not section.mtp and config.num_nextn_predict_layers:
             config = config.replace(num_nextn_predict_layers=0)
+        check_model_fits(config, device, include_mtp=section.mtp, copies=4,
+                         what=f"training model.preset {section.preset!r} with its overrides")
         model = build_model(config, device=device, with_mtp=section.mtp)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
@@ -79,7 +84,7 @@ def build_run_model(section: ModelSection, tokenizer: Tokenizer, device: torch.d
     return model
 
 
-def _run(cfg: Any, resume: bool, make_data: Any, tokenizer_texts: Any, kind: str) -> TrainResult:
+def _run(cfg: Any, resume: bool | str, make_data: Any, tokenizer_texts: Any, kind: str) -> TrainResult:
     start = start_run(cfg, resume, device=cfg.train.device, device_key="train.device")
     run_dir, checkpoint, device = start.run_dir, start.checkpoint, start.device
     init_dir = resolve_model_dir(cfg.model.init_from) if cfg.model.init_from else None
@@ -110,21 +115,22 @@ def _run(cfg: Any, resume: bool, make_data: Any, tokenizer_texts: Any, kind: str
         trainer.resume(checkpoint)
         print(f"resumed from {checkpoint} (step {trainer.step})")
     result = trainer.fit()
-    summary = f"{kind} {result.status} at step {result.step}"
+    summary = f"{kind} {result.status} at step {result.step}" + (f" ({result.reason})" if result.reason else "")
     if result.eval_loss is not None:
         summary += f": held-out loss {result.eval_loss:.4f} vs unigram {entropy:.4f} nats/token"
     print(summary + (f"; checkpoint {result.checkpoint}" if result.checkpoint else ""))
     return result
 
 
-def run_pretrain(cfg: PretrainRunConfig, resume: bool = False) -> TrainResult:
-    """Pretrain as `cfg` says (see the module docstring); `resume` continues the run's newest checkpoint."""
+def run_pretrain(cfg: PretrainRunConfig, resume: bool | str = False) -> TrainResult:
+    """Pretrain as `cfg` says (see the module docstring); `resume` continues the run's newest checkpoint
+    (True / "latest"), or its newest intact one ("latest-intact", see `prepare_run_dir`)."""
     return _run(cfg, resume,
                 lambda tok, texts: pretrain_datasets(cfg.data, tok, cfg.seed, texts),
                 lambda: pretrain_texts(cfg.data, cfg.seed), "pretrain")
 
 
-def run_sft(cfg: SFTRunConfig, resume: bool = False) -> TrainResult:
+def run_sft(cfg: SFTRunConfig, resume: bool | str = False) -> TrainResult:
     """Supervised fine-tuning on chat data (loss on assistant tokens only); usually `model.init_from` a pretrain run."""
     return _run(cfg, resume,
                 lambda tok, texts: sft_datasets(cfg.data, tok, cfg.seed),

@@ -60,10 +60,11 @@ class StepOutput:
 
 @dataclass
 class TrainResult:
-    status: str  # "completed" or "diverged"
+    status: str  # "completed" or "diverged" (stopped by the guard, or ended in a non-finite streak)
     step: int
     checkpoint: Path | None
     eval_loss: float | None
+    reason: str = ""  # why it diverged: which steps were non-finite, and what was
 
 
 def enable_activation_checkpointing(model: nn.Module) -> int:
@@ -187,7 +188,9 @@ class Trainer:
         if self.guard.is_finite(*metrics.values()):
             max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
-        applied = self.guard.check(*metrics.values(), grad_norm)
+        bad = {k: v for k, v in metrics.items() if not math.isfinite(v)} or {"grad_norm": grad_norm}
+        applied = self.guard.check(*metrics.values(), grad_norm, step=self.step + 1,
+                                   reason=", ".join(f"{k}={v}" for k, v in bad.items()))
         if applied:
             self.optimizer.step()
             if self.config.bias_update_gamma > 0 and self.tracker.layers:
@@ -264,7 +267,7 @@ class Trainer:
         logger = MetricsLogger(self.run_dir, lcfg.tensorboard, resume_step=self.resumed_from)
         progress = Progress(cfg.steps, self.step, lcfg.progress)
         logger.log(self.step, {"event": "start", "resumed_from": self.resumed_from, **self.run_info})
-        status, eval_loss, last_log = "completed", None, time.perf_counter()
+        status, eval_loss, last_log, reason = "completed", None, time.perf_counter(), ""
         try:
             while self.step < cfg.steps:
                 out = self.train_step()
@@ -274,10 +277,8 @@ class Trainer:
                     progress.write(f"step {self.step}: non-finite loss/gradient {out.metrics} "
                                    f"(grad_norm {out.grad_norm}); step skipped ({self.guard.consecutive} in a row)")
                     if self.guard.should_stop:
-                        status = "diverged"
-                        logger.log(self.step, {"event": "diverged", "consecutive": self.guard.consecutive})
-                        progress.write(f"stopping: {self.guard.consecutive} non-finite steps in a row "
-                                       f"(train.max_bad_steps); the last checkpoint is left as it was")
+                        status, reason = "diverged", self._diverged(logger, "train.max_bad_steps reached")
+                        progress.write(f"stopping: {reason}")
                         break
                 else:
                     self._accumulate(out)
@@ -298,8 +299,20 @@ class Trainer:
                 if ((lcfg.save_every and self.step % lcfg.save_every == 0) or done) and not self.guard.consecutive:
                     path = self.save()
                     logger.log(self.step, {"event": "checkpoint", "path": str(path)})
+            if status == "completed" and self.guard.consecutive:  # the schedule ran out inside a bad streak
+                status, reason = "diverged", self._diverged(
+                    logger, "the schedule ended inside the streak, so the run did not finish healthy")
         finally:
             progress.close()
             logger.close()
-        return TrainResult(status, self.step, latest_checkpoint(self.checkpoint_dir), eval_loss)
+        return TrainResult(status, self.step, latest_checkpoint(self.checkpoint_dir), eval_loss, reason)
+
+    def _diverged(self, logger: MetricsLogger, why: str) -> str:
+        """Log the divergence event; the message naming the bad steps and what was non-finite."""
+        newest = latest_checkpoint(self.checkpoint_dir)
+        reason = (f"{self.guard.describe(self.step)}; {why}. Nothing was saved from the streak: the newest "
+                  f"checkpoint is {newest.name if newest else 'none'}")
+        logger.log(self.step, {"event": "diverged", "consecutive": self.guard.consecutive,
+                               "first_bad_step": self.guard.streak_start, "reason": reason})
+        return reason
 

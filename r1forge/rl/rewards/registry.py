@@ -17,7 +17,7 @@ from typing import Any
 
 from r1forge.rl.rewards.accuracy import accuracy_reward
 from r1forge.rl.rewards.format_rewards import format_reward, format_reward_soft, language_consistency_reward
-from r1forge.rl.rewards.stats import RewardFunction, guarded
+from r1forge.rl.rewards.stats import RewardFunction, call_with_timeout, finite_reward, guarded
 
 REWARD_FUNCTIONS: dict[str, RewardFunction] = {
     "accuracy": accuracy_reward,
@@ -85,19 +85,30 @@ def get_reward(name: str) -> RewardFunction:
 
 
 class CombinedReward:
-    """sum_k weight_k * reward_k(prompt, completion, **example), returned with the unweighted components."""
+    """sum_k weight_k * reward_k(prompt, completion, **example), returned with the unweighted components.
 
-    def __init__(self, rewards: Sequence[tuple[str, RewardFunction, float]]) -> None:
+    `timeout_s`: each component call scoring 0 (counted as "timeout" under its name) when it runs longer (see
+    `call_with_timeout`); None waits for ever. The weighted sum is bounded as each component is
+    (`finite_reward`, counted under "weighted_sum").
+    """
+
+    def __init__(self, rewards: Sequence[tuple[str, RewardFunction, float]], timeout_s: float | None = None) -> None:
         self.rewards = list(rewards)
+        self.timeout_s = timeout_s
 
     @property
     def weights(self) -> dict[str, float]:
         return {name: weight for name, _, weight in self.rewards}
 
+    def with_timeout(self, timeout_s: float | None) -> "CombinedReward":
+        """The same rewards and weights, each call limited to `timeout_s` seconds."""
+        return CombinedReward(self.rewards, timeout_s)
+
     def __call__(self, prompt: Any, completion: Any, /, **example: Any) -> tuple[float, dict[str, float]]:
-        components = {name: fn(prompt, completion, **example) for name, fn, _ in self.rewards}
+        components = {name: call_with_timeout(name, fn, self.timeout_s, prompt, completion, **example)
+                      for name, fn, _ in self.rewards}
         total = sum(weight * components[name] for name, _, weight in self.rewards)
-        return total, components
+        return finite_reward("weighted_sum", total), components
 
 
 def combine_rewards(names_and_weights: Mapping[str, float] | Sequence[str | tuple[str, float]]) -> CombinedReward:
