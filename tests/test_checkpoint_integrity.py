@@ -22,8 +22,8 @@ from r1forge.train import (
     LogConfig, PretrainRunConfig, TrainConfig, Trainer, list_checkpoints, load_training_checkpoint,
     save_training_checkpoint,
 )
-from r1forge.train.cli import add_run_arguments, resolve_run_config
-from r1forge.train.runs import prepare_run_dir
+from r1forge.commands.run import add_run_arguments, resolve_run_config
+from r1forge.train.prologue import prepare_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 64

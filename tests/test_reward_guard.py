@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import save_tiny_policy
-from r1forge.rl.grpo_run import GRPORunConfig, run_grpo
+from r1forge.rl.config import GRPORunConfig
+from r1forge.rl.run import run_grpo
 from r1forge.rl.rewards import REWARD_STATS, RewardStats, combine_rewards, register_reward
 from r1forge.rl.rewards.stats import MAX_ABS_REWARD, call_with_timeout, guarded
 from r1forge.train import load_run_config

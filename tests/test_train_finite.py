@@ -17,14 +17,14 @@ from r1forge.accounting import check_model_fits
 from r1forge.cli import main
 from r1forge.data import StatefulLoader, load_tokenizer, make_pretrain_corpus, train_tokenizer
 from r1forge.distill.config import DistillRunConfig
-from r1forge.rl.grpo_run import GRPORunConfig
+from r1forge.rl.config import GRPORunConfig
 from r1forge.train import (
     CausalLMLoss, LogConfig, PretrainRunConfig, SFTRunConfig, TrainConfig, Trainer, list_checkpoints,
     load_run_config, read_metrics,
 )
 from r1forge.train.config import ModelSection
 from r1forge.train.loss import LossOutput
-from r1forge.train.runs import build_run_model
+from r1forge.train.run import build_run_model
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 64
@@ -184,8 +184,8 @@ def test_cli_run_that_ends_non_finite_exits_non_zero_naming_the_steps(tmp_path: 
 
 def test_grpo_run_ending_in_non_finite_steps_is_diverged_and_saves_nothing_from_them(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import r1forge.rl.grpo_trainer as grpo_trainer
-    from r1forge.rl.grpo_run import run_grpo
+    import r1forge.rl.trainer as grpo_trainer
+    from r1forge.rl.run import run_grpo
 
     real_loss, calls = grpo_trainer.grpo_loss, []
 
