@@ -273,3 +273,29 @@ def test_seeded_sampling_is_reproducible(model):
         ref = model(ids)[0, len(prompts[0]) - 1 : -1].log_softmax(-1)
     want = ref.gather(1, torch.tensor(out.token_ids)[:, None]).squeeze(1)
     torch.testing.assert_close(torch.tensor(out.logprobs), want, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------- command line
+def test_cli_speculative_config(tmp_path, capsys):
+    import json
+
+    from r1forge.cli import main
+    from r1forge.data import load_tokenizer, make_pretrain_corpus, train_tokenizer
+
+    out = tmp_path / "model"
+    train_tokenizer(None, out, vocab_size=300, texts=make_pretrain_corpus(200, 0))
+    tok = load_tokenizer(out)
+    torch.manual_seed(0)
+    cfg = r1forge.ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id,
+                                          eos_token_id=tok.eos_token_id, num_hidden_layers=2)
+    randomise_(r1forge.build_model(cfg, with_mtp=True), std=0.3).save_pretrained(out)
+    base = ["generate", str(out), "--prompt", "What is 2 + 3?", "--max-tokens", "8", "--json", "--device", "cpu"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(base + ["--speculative-config", '{"method": "mtp", "num_speculative_tokens": 2}']) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == plain["text"]
+    assert main(base + ["--speculative-config", '{"method": "ngram"}']) == 2
+    assert "method must be 'mtp'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["--speculative-config", "{not json"])
+    assert "not valid JSON" in capsys.readouterr().err
