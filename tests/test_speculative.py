@@ -299,3 +299,15 @@ def test_cli_speculative_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(base + ["--speculative-config", "{not json"])
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_metrics_export_acceptance(model):
+    from r1forge.serve.metrics import ServerMetrics
+
+    llm = LLM(model, block_size=16, num_blocks=32, speculative_config=_spec(2))
+    llm.generate(_prompts([9]), SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    stats = llm.stats()
+    text = ServerMetrics("tiny", engine_stats=llm.stats).render().decode()
+    assert f'r1forge_spec_decode_num_draft_tokens_total{{model_name="tiny"}} {float(stats["spec_draft_tokens"])}' in text
+    assert 'r1forge_spec_decode_acceptance_rate_per_pos{model_name="tiny",position="2"}' in text
+    assert "r1forge_spec_decode_mean_acceptance_length" in text
