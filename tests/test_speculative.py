@@ -36,6 +36,15 @@ def model() -> r1forge.DeepseekForCausalLM:
     return _model()
 
 
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory):
+    from r1forge.data import make_pretrain_corpus, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(None, out, vocab_size=300, texts=make_pretrain_corpus(200, 0))
+    return out
+
+
 def _prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in lengths]
@@ -276,18 +285,20 @@ def test_seeded_sampling_is_reproducible(model):
 
 
 # ---------------------------------------------------------------------- command line
-def test_cli_speculative_config(tmp_path, capsys):
+def test_cli_speculative_config(tmp_path, tokenizer_dir, capsys):
     import json
+    import shutil
 
     from r1forge.cli import main
-    from r1forge.data import load_tokenizer, make_pretrain_corpus, train_tokenizer
+    from r1forge.data import load_tokenizer
 
     out = tmp_path / "model"
-    train_tokenizer(None, out, vocab_size=300, texts=make_pretrain_corpus(200, 0))
+    shutil.copytree(tokenizer_dir, out)
     tok = load_tokenizer(out)
     torch.manual_seed(0)
     cfg = r1forge.ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id,
-                                          eos_token_id=tok.eos_token_id, num_hidden_layers=2)
+                                          eos_token_id=tok.eos_token_id, num_hidden_layers=2,
+                                          max_position_embeddings=128)  # a small default pool
     randomise_(r1forge.build_model(cfg, with_mtp=True), std=0.3).save_pretrained(out)
     base = ["generate", str(out), "--prompt", "What is 2 + 3?", "--max-tokens", "8", "--json", "--device", "cpu"]
     assert main(base) == 0
@@ -311,3 +322,35 @@ def test_metrics_export_acceptance(model):
     assert f'r1forge_spec_decode_num_draft_tokens_total{{model_name="tiny"}} {float(stats["spec_draft_tokens"])}' in text
     assert 'r1forge_spec_decode_acceptance_rate_per_pos{model_name="tiny",position="2"}' in text
     assert "r1forge_spec_decode_mean_acceptance_length" in text
+
+
+# ---------------------------------------------------------------------- GRPO rollouts
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_grpo_speculative_rollouts_keep_trainer_logprobs(tokenizer_dir, temperature):
+    """pi_old from speculative rollouts (verified drafts, rejection sampling) is the trainer's policy."""
+    from r1forge.data import load_tokenizer
+    from r1forge.rl.grpo_config import GRPOConfig
+    from r1forge.rl.grpo_trainer import GRPOTrainer
+    from r1forge.rl.rollout import completion_logprobs
+
+    tok = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = r1forge.ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id,
+                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                          num_hidden_layers=2)
+    model = r1forge.build_model(cfg, with_mtp=True).eval()
+    questions = [{"question": f"Compute {a} + {b}.", "answer": str(a + b)} for a, b in [(3, 4), (12, 7), (25, 30)]]
+    gcfg = GRPOConfig(steps=1, prompts_per_step=3, num_generations=4, max_completion_length=16, learning_rate=1e-3,
+                      template="r1-zero", temperature=temperature, seed=0, rollout_speculative_tokens=2)
+    trainer = GRPOTrainer(model, tok, gcfg, lambda p, c, **e: (float(len(c) % 3), {}), questions)
+    metrics = trainer.step()
+    assert "rollout/spec_acceptance_rate_pos2" in metrics and "rollout_tokens_per_s" in metrics
+    batch = trainer.rollout(questions, 16, seed=3)
+    with torch.no_grad():
+        recomputed, _ = completion_logprobs(model, batch, temperature)
+    m = batch.completion_mask.bool()
+    assert m.sum() > 30 and trainer.llm.stats()["spec_draft_tokens"] > 0
+    assert (recomputed - batch.old_logprobs)[m].abs().max().item() < 1e-5
+    plain = r1forge.build_model(cfg.replace(num_nextn_predict_layers=0))
+    with pytest.raises(ValueError, match="model.mtp"):
+        GRPOTrainer(plain, tok, gcfg, lambda p, c, **e: (0.0, {}), questions)

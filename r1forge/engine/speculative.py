@@ -278,4 +278,6 @@ class SpeculativeDecoder:
         }
         for j, (d, a) in enumerate(zip(self.num_draft_tokens, self.num_accepted_tokens), start=1):
             out[f"spec_acceptance_rate_pos{j}"] = a / d if d else 0.0
+            out[f"spec_draft_tokens_pos{j}"] = d
+            out[f"spec_accepted_tokens_pos{j}"] = a
         return out

@@ -45,6 +45,7 @@ class GRPOConfig:
     seed: int = 0  # rollout sampling and prompt order
     rollout_cuda_graphs: bool = False  # rollout engine: decode steps as CUDA graphs (CUDA only)
     rollout_compile: bool = False  # rollout engine: torch.compile'd decode steps
+    rollout_speculative_tokens: int = 0  # rollout engine: MTP drafts verified per step (needs model.mtp); 0 off
 
     def __post_init__(self) -> None:
         self.validate()
@@ -61,7 +62,7 @@ class GRPOConfig:
             if not 0 <= getattr(self, key) < 1:
                 raise ValueError(f"{prefix}.{key} must be in [0, 1), got {getattr(self, key)}")
         for key in ("weight_decay", "warmup_steps", "ref_model_sync_steps", "overlong_buffer", "max_resample_rounds",
-                    "bias_update_gamma", "log_completions_every"):
+                    "bias_update_gamma", "log_completions_every", "rollout_speculative_tokens"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
         if self.loss_type not in LOSS_TYPES:
