@@ -34,7 +34,7 @@ def _train(work: Path, pretrain_steps: int, sft_steps: int) -> dict[str, Path]:
     if not (pre_dir / "DONE").exists():
         cfg = {**PRETRAIN, "run_dir": str(pre_dir),
                "train": {**PRETRAIN["train"], "steps": pretrain_steps, "warmup_steps": min(30, pretrain_steps // 10)},
-               "log": {**PRETRAIN["log"], "eval_every": 0, "save_every": 0}}
+               "log": {**PRETRAIN["log"], "eval_every": 0, "save_every": 50, "progress": False}}
         run_pretrain(config_from_dict(PretrainRunConfig, cfg))
         (pre_dir / "DONE").touch()
     if not (sft_dir / "DONE").exists():
@@ -75,12 +75,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", default=None, help="model directory (repeatable; default: see above)")
     ap.add_argument("--work-dir", default="runs/bench_speculative")
-    ap.add_argument("--pretrain-steps", type=int, default=600)
+    ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--sft-steps", type=int, default=60)
     ap.add_argument("--k", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    ap.add_argument("--disable-by-batch-size", type=int, default=None,
+                    help="speculative_config.disable_by_batch_size: plain decode in steps with more running sequences")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.model:
@@ -91,11 +93,13 @@ def main() -> None:
         models = {"demo pretrained": resolve_model_dir("runs/demo/pretrain")}
     else:
         models = _train(Path(args.work_dir), args.pretrain_steps, args.sft_steps)
-    print(f"torch threads {torch.get_num_threads()}; max_tokens {args.max_tokens}; held-out prompts")
+    print(f"torch threads {torch.get_num_threads()}; max_tokens {args.max_tokens}; held-out prompts; "
+          f"disable_by_batch_size {args.disable_by_batch_size}")
     for name, directory in models.items():
         plain = LLM(directory, device="cpu", block_size=16)
         specs = {k: LLM(directory, device="cpu", block_size=16,
-                        speculative_config={"method": "mtp", "num_speculative_tokens": k}) for k in args.k}
+                        speculative_config={"method": "mtp", "num_speculative_tokens": k,
+                                            "disable_by_batch_size": args.disable_by_batch_size}) for k in args.k}
         template = "chat" if "sft" in name else "r1-zero"
         prompts = _prompts(plain, max(args.batch_sizes), template)
         print(f"\n== {name}: {directory} ({template} prompts)")

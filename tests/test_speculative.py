@@ -354,3 +354,28 @@ def test_grpo_speculative_rollouts_keep_trainer_logprobs(tokenizer_dir, temperat
     plain = r1forge.build_model(cfg.replace(num_nextn_predict_layers=0))
     with pytest.raises(ValueError, match="model.mtp"):
         GRPOTrainer(plain, tok, gcfg, lambda p, c, **e: (0.0, {}), questions)
+
+
+# ---------------------------------------------------------------------- MTP stays trained
+def test_distillation_trains_the_students_mtp_on_trained_tokens():
+    from r1forge.distill.kl import ForwardKLLoss
+    from r1forge.distill.student import build_student, dense_student_config
+    from r1forge.train.loss import CausalLMLoss
+
+    teacher = _model(seed=1)
+    student = build_student(dense_student_config(teacher.config, num_hidden_layers=1, num_nextn_predict_layers=1))
+    assert student.num_mtp == 1
+    ids = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], 1)
+    labels[:, :4] = -100  # the prompt: not trained
+    batch = {"input_ids": ids, "labels": labels}
+    loss = ForwardKLLoss(teacher, mtp_lambda=0.3)
+    norms = loss.normalizers(student, [batch])
+    out = loss(student, batch, norms)
+    out.loss.backward()
+    assert student.model.mtp[0].eh_proj.weight.grad.abs().sum() > 0
+    ce = CausalLMLoss(0.3)
+    with torch.no_grad():
+        ref = ce(student, batch, ce.normalizers(student, [batch])).metrics["mtp_loss"]
+    torch.testing.assert_close(out.metrics["mtp_loss"], ref)
+    assert "mtp_loss" not in ForwardKLLoss(teacher)(student, batch, norms).metrics  # mtp_lambda 0: no MTP term

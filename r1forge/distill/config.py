@@ -27,6 +27,7 @@ class StudentSection:
     intermediate_size: int | None = None  # dense FFN width; null keeps the teacher's
     num_attention_heads: int | None = None  # null keeps the teacher's
     overrides: dict[str, Any] = field(default_factory=dict)  # any other ModelConfig field (not vocab_size)
+    mtp: bool = False  # give the student one MTP module, trained with train.mtp_lambda (a drafter for speculation)
 
     def validate(self, prefix: str = "student") -> None:
         for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads"):
@@ -98,7 +99,8 @@ class KLConfig:
 
 
 def _distill_train() -> TrainConfig:
-    return TrainConfig(steps=300, lr=1e-3, warmup_steps=20, weight_decay=0.0, mtp_lambda=0.0)
+    # mtp_lambda only acts on a student with an MTP module (student.mtp): V3's later weight.
+    return TrainConfig(steps=300, lr=1e-3, warmup_steps=20, weight_decay=0.0, mtp_lambda=0.1)
 
 
 @dataclass

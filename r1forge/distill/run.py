@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from r1forge.accounting import count_parameters
+from r1forge.config import ModelConfig
 from r1forge.data import SFTDataset, make_problems, read_jsonl, sft_messages
 from r1forge.distill.config import DistillDataConfig, DistillRunConfig
 from r1forge.distill.kl import ForwardKLLoss
@@ -98,7 +99,9 @@ def make_student(cfg: DistillRunConfig, teacher: torch.nn.Module, device: torch.
     if section.init_from is not None:
         from r1forge.loading import load_model
 
-        student = load_model(resolve_model_dir(section.init_from), device=device)
+        student_dir = resolve_model_dir(section.init_from)
+        with_mtp = section.mtp and ModelConfig.from_pretrained(student_dir).num_nextn_predict_layers > 0
+        student = load_model(student_dir, device=device, with_mtp=with_mtp)
         if student.config.vocab_size != teacher.config.vocab_size:
             raise ValueError(f"student.init_from: vocab_size {student.config.vocab_size} differs from the teacher's "
                              f"{teacher.config.vocab_size}; the student must share the teacher's tokenizer")
@@ -106,7 +109,8 @@ def make_student(cfg: DistillRunConfig, teacher: torch.nn.Module, device: torch.
         return student
     config = dense_student_config(teacher.config, dense=section.dense, num_hidden_layers=section.num_hidden_layers,
                                   hidden_size=section.hidden_size, intermediate_size=section.intermediate_size,
-                                  num_attention_heads=section.num_attention_heads, **section.overrides)
+                                  num_attention_heads=section.num_attention_heads,
+                                  **({"num_nextn_predict_layers": 1} if section.mtp else {}), **section.overrides)
     return build_student(config, seed=cfg.seed, device=device)
 
 
@@ -161,7 +165,8 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     saved = json.loads(before_path.read_text()) if before_path.is_file() else {}
 
     train_ds = SFTDataset(tokenizer, data.max_len, records=records, seed=cfg.seed)
-    loss = ForwardKLLoss(teacher, cfg.kl.temperature, cfg.kl.ce_weight) if cfg.mode == "kl" else None
+    loss = ForwardKLLoss(teacher, cfg.kl.temperature, cfg.kl.ce_weight,
+                         mtp_lambda=cfg.train.mtp_lambda) if cfg.mode == "kl" else None
     if loss is None:
         del teacher  # SFT needs only the traces
     student.train()

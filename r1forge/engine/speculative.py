@@ -118,9 +118,10 @@ class SpeculativeDecoder:
         return self.disable_by_batch_size is None or num_running <= self.disable_by_batch_size
 
     def can_draft(self, seq: Sequence) -> bool:
-        """Speculation is exact for this sequence now: no penalties, no min_tokens still pending."""
+        """Speculation is exact for this sequence now: no penalties, no min_tokens still pending; and its
+        prefill is done (siblings of n > 1 fork from a plain first token)."""
         p = seq.params
-        return not p.uses_penalties and seq.num_output_tokens >= p.min_tokens
+        return not p.uses_penalties and seq.num_output_tokens >= p.min_tokens and not seq.pending_forks
 
     def num_drafts(self, seq: Sequence, max_model_len: int) -> int:
         """k, or fewer so that accepted drafts + 1 never pass max_tokens or the context."""
