@@ -51,12 +51,17 @@ def check_speculative_model(model: DeepseekForCausalLM, source: str = "the model
             f"(num_nextn_predict_layers={model.config.num_nextn_predict_layers}; train or load it with MTP)")
 
 
-def sampling_distributions(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+def sampling_distributions(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per row: the logprobs the engine reports (temperature-scaled, unfiltered, as `sample`) and the
-    distribution it samples from (temperature, then top-k / top-p / min-p). logits [M, V] -> two [M, V]."""
+    distribution it samples from (temperature, then top-k / top-p / min-p). logits [M, V] -> two [M, V];
+    the second is None when every row is greedy (nothing is sampled)."""
     temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
     scaled = logits.float() / temps[:, None]
     logprobs = scaled.log_softmax(dim=-1)
+    if all(p.greedy for p in params):
+        return logprobs, None
+    if not any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in params):
+        return logprobs, logprobs.exp()  # no filter: the sort in filter_logits would change nothing
     filtered = filter_logits(
         scaled,
         torch.tensor([p.top_k for p in params], device=logits.device),
@@ -237,7 +242,7 @@ class SpeculativeDecoder:
                 h = self._mtp(h[torch.tensor(keep, device=device)], ids, torch.tensor(pos, device=device), metadata)
             seqs = [drafting[i] for i in active]
             logits = self.model.lm_head(self.module.shared_head.norm(h)).float()  # [B, V]
-            _, q = sampling_distributions(logits, [s.params for s in seqs])
+            _, q = sampling_distributions(logits, [s.params for s in seqs])  # q None: every row greedy
             for row, (i, seq) in enumerate(zip(active, seqs)):
                 if seq.params.greedy:
                     seq.draft_token_ids.append(int(logits[row].argmax()))
