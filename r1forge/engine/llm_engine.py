@@ -153,7 +153,8 @@ class LLMEngine:
         starts = [s.num_computed_tokens for s in batch.seqs]
         if spec is not None:
             spec.copy_blocks(batch.copies)
-        seqs, logits = self.runner.execute(batch, keep_hidden=speculate or bool(drafted))
+        keep_hidden = speculate or bool(drafted)  # the plain call otherwise: what a wrapped runner expects
+        seqs, logits = self.runner.execute(batch, keep_hidden=True) if keep_hidden else self.runner.execute(batch)
         hidden = self.runner.last_hidden
         row_of = dict(zip((s.seq_id for s in batch.seqs), itertools.accumulate([0] + batch.num_tokens[:-1])))
         verified: dict[int, Verified] = {}
