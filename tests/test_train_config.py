@@ -80,7 +80,7 @@ def test_partial_section_keeps_the_run_kinds_defaults(tmp_path: Path) -> None:
     cfg = load_run_config(SFTRunConfig, _yaml(tmp_path, "train: {lr: 1.0e-4}\n"))
     assert cfg.train.lr == 1e-4
     assert cfg.train.steps == SFTRunConfig().train.steps != PretrainRunConfig().train.steps
-    assert cfg.model.mtp is False
+    assert cfg.model.mtp is True and cfg.train.mtp_lambda == 0.1  # SFT keeps the MTP module trained
 
 
 def test_saved_config_round_trips(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import torch
 from r1forge import ModelConfig, build_model
 from r1forge.data import IGNORE_INDEX, load_tokenizer, make_pretrain_corpus, train_tokenizer
 from r1forge.data.chat_template import ASSISTANT, EOS
+from r1forge.loading import load_model
 from r1forge.train import SFTRunConfig, load_run_config, read_metrics, run_sft
 from r1forge.train.loss import CausalLMLoss
 
@@ -86,11 +87,14 @@ def test_sft_feeds_labels_on_assistant_tokens_only(init_dir: Path, tmp_path: Pat
             seen_texts.add(targets)
     assert "Hello, Tom.<｜end▁of▁sentence｜>" in seen_texts
     assert any("<answer>14</answer>" in t and "<answer>7</answer>" in t for t in seen_texts)  # both turns
-    # Started from the checkpoint's weights and tokenizer; saved without the MTP module it did not train.
-    start = read_metrics(tmp_path / "run")[0]
-    assert start["kind"] == "sft"
+    # Started from the checkpoint's weights and tokenizer; the MTP module trained too (on assistant tokens:
+    # mtp_labels keeps a depth-k target only where every label it spans is trained) and was saved.
+    rows = read_metrics(tmp_path / "run")
+    assert rows[0]["kind"] == "sft" and any("mtp_loss" in r for r in rows)
     saved = ModelConfig.from_pretrained(result.checkpoint)
-    assert saved.num_nextn_predict_layers == 0 and saved.vocab_size == tok.vocab_size
+    assert saved.num_nextn_predict_layers == 1 and saved.vocab_size == tok.vocab_size
+    trained = load_model(result.checkpoint, with_mtp=True).model.mtp[0].eh_proj.weight
+    assert not torch.equal(trained, load_model(init_dir, with_mtp=True).model.mtp[0].eh_proj.weight)
     assert (result.checkpoint / "tokenizer.json").read_text() == (init_dir / "tokenizer.json").read_text()
 
 
@@ -98,10 +102,10 @@ def test_sft_starts_from_the_init_weights(init_dir: Path, tmp_path: Path, monkey
     from r1forge.loading import load_model
     from r1forge.train import runs
 
-    cfg = load_run_config(SFTRunConfig, None, ["--model.init_from", str(init_dir)])
+    cfg = load_run_config(SFTRunConfig, None, ["--model.init_from", str(init_dir), "--model.mtp", "false"])
     model = runs.build_run_model(cfg.model, load_tokenizer(init_dir), torch.device("cpu"))
     reference = load_model(init_dir)
-    assert model.num_mtp == 0 and model.config.num_nextn_predict_layers == 0
+    assert model.num_mtp == 0 and model.config.num_nextn_predict_layers == 0  # model.mtp false drops it
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="model.overrides"):

@@ -29,6 +29,7 @@ class StudentSection:
     intermediate_size: int | None = None  # dense FFN width; null keeps the teacher's
     num_attention_heads: int | None = None  # null keeps the teacher's
     overrides: dict[str, Any] = field(default_factory=dict)  # any other config field (not vocab_size)
+    mtp: bool = False  # give the student one MTP module, trained with train.mtp_lambda (a drafter for speculation)
 
     def validate(self, prefix: str = "student") -> None:
         given = [k for k in ("init_from", "preset", "config") if getattr(self, k) is not None]
@@ -92,7 +93,8 @@ class KLConfig:
 
 
 def _distill_train() -> TrainConfig:
-    return TrainConfig(steps=300, lr=1e-3, warmup_steps=20, weight_decay=0.0, mtp_lambda=0.0)
+    # mtp_lambda only acts on a student with an MTP module (student.mtp): V3's later weight.
+    return TrainConfig(steps=300, lr=1e-3, warmup_steps=20, weight_decay=0.0, mtp_lambda=0.1)
 
 
 @dataclass

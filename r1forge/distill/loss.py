@@ -9,7 +9,8 @@ tau^2 so its gradient scale does not depend on tau). "Forward" KL puts the teach
 student is pushed to cover every token the teacher gives mass to (mean-seeking), which is what imitating a
 teacher on its own traces needs. The step's loss is the token mean over all trained positions of the step
 (the same exact normalisation as `CausalLMLoss`), optionally plus `ce_weight` times the ordinary cross-entropy
-on the sequence's own tokens.
+on the sequence's own tokens, and `mtp_lambda` times the MTP loss on them when the student has an MTP module
+(so that it drafts for speculative decoding).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1forge.train.balance import add_aux_loss
-from r1forge.train.loss import IGNORE_INDEX, Batch, LossOutput
+from r1forge.train.loss import IGNORE_INDEX, Batch, CausalLMLoss, LossOutput
 
 
 def forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None = None,
@@ -56,11 +57,12 @@ class ForwardKLLoss:
         teacher: the teacher (same vocabulary as the student), frozen and in eval mode here.
         temperature: tau (see the module docstring).
         ce_weight: weight of the next-token cross-entropy on the batch's own labels (0: pure distillation).
+        mtp_lambda: weight of the student's MTP loss on the batch's labels (0, or no MTP module: none).
         ignore_index: the label of untrained positions.
     """
 
     def __init__(self, teacher: nn.Module, temperature: float = 1.0, ce_weight: float = 0.0,
-                 ignore_index: int = IGNORE_INDEX) -> None:
+                 ignore_index: int = IGNORE_INDEX, mtp_lambda: float = 0.0) -> None:
         if temperature <= 0:
             raise ValueError(f"kl.temperature must be > 0, got {temperature}")
         if ce_weight < 0:
@@ -71,10 +73,11 @@ class ForwardKLLoss:
         self.temperature = temperature
         self.ce_weight = ce_weight
         self.ignore_index = ignore_index
+        self.mtp = CausalLMLoss(mtp_lambda, ignore_index)  # its normalisers and MTP term, not its LM loss
 
     def normalizers(self, model: nn.Module, batches: list[Batch]) -> dict[str, float]:
-        """Trained positions over the whole step (the token mean's denominator)."""
-        return {"lm": float(sum(int((b["labels"] != self.ignore_index).sum()) for b in batches))}
+        """Trained positions over the whole step (the token mean's denominator), and per MTP depth."""
+        return self.mtp.normalizers(model, batches)
 
     def __call__(self, model: nn.Module, batch: Batch, norms: dict[str, float],
                  num_micro_batches: int = 1) -> LossOutput:
@@ -83,7 +86,8 @@ class ForwardKLLoss:
         mask = labels != self.ignore_index  # [B, T]
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids, positions)[mask]  # [N, V] trained positions only
-        student_logits = model.lm_head(model.model(input_ids, positions))  # [B, T, V]
+        hidden = model.model(input_ids, positions)  # [B, T, D]
+        student_logits = model.lm_head(hidden)  # [B, T, V]
         picked = student_logits[mask]  # [N, V]
         denom = max(norms["lm"], 1.0)
         kl = forward_kl(teacher_logits, picked, temperature=self.temperature) * self.temperature**2 / denom
@@ -93,4 +97,8 @@ class ForwardKLLoss:
             ce = F.cross_entropy(picked.float(), labels[mask], reduction="sum") / denom
             total = total + self.ce_weight * ce
             metrics["ce"] = ce.detach()
+        if self.mtp.mtp_lambda > 0 and getattr(model, "num_mtp", 0):
+            mtp = self.mtp.mtp_loss(model, hidden, input_ids, positions, labels, norms)
+            total = total + self.mtp.mtp_lambda * mtp
+            metrics["mtp_loss"] = mtp.detach()
         return LossOutput(add_aux_loss(model, total, metrics, num_micro_batches), metrics)

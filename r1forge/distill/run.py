@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from r1forge.accounting import count_parameters
+from r1forge.auto_config import load_config
 from r1forge.data import SFTDataset, read_jsonl, sft_messages
 from r1forge.data.jsonl import write_json, write_jsonl
 from r1forge.distill.config import DistillDataConfig, DistillRunConfig
@@ -97,7 +98,8 @@ def make_student(cfg: DistillRunConfig, teacher: torch.nn.Module, tokenizer: Any
         from r1forge.loading import load_model
 
         student_dir = resolve_model_dir(section.init_from)
-        student = load_model(student_dir, device=device)
+        with_mtp = section.mtp and load_config(student_dir).num_nextn_predict_layers > 0
+        student = load_model(student_dir, device=device, with_mtp=with_mtp)
         if (student_dir / "tokenizer.json").is_file():
             tokenizer = load_tokenizer(student_dir)
         if student.config.vocab_size < tokenizer.vocab_size:
@@ -108,9 +110,13 @@ def make_student(cfg: DistillRunConfig, teacher: torch.nn.Module, tokenizer: Any
         return student, tokenizer
     source = section.preset or section.config
     if source is not None:
+        if section.mtp:
+            raise ValueError("student.mtp: only a DeepSeek-shaped student has an MTP module; a student.preset / "
+                             "student.config student (Qwen2, Llama) has none")
         config = other_architecture_student_config(teacher.config, source, **shape, **section.overrides)
     else:
-        config = dense_student_config(teacher.config, dense=section.dense, **shape, **section.overrides)
+        config = dense_student_config(teacher.config, dense=section.dense, **shape,
+                                      **({"num_nextn_predict_layers": 1} if section.mtp else {}), **section.overrides)
     return build_student(config, seed=cfg.seed, device=device), tokenizer
 
 
@@ -177,7 +183,8 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     saved = json.loads(before_path.read_text()) if before_path.is_file() else {}
 
     train_ds = SFTDataset(student_tokenizer, data.max_len, records=records, seed=cfg.seed)  # text re-tokenised
-    loss = ForwardKLLoss(teacher, cfg.kl.temperature, cfg.kl.ce_weight) if cfg.mode == "kl" else None
+    loss = ForwardKLLoss(teacher, cfg.kl.temperature, cfg.kl.ce_weight,
+                         mtp_lambda=cfg.train.mtp_lambda) if cfg.mode == "kl" else None
     if loss is None:
         del teacher  # SFT needs only the traces
     student.train()

@@ -104,7 +104,7 @@ def build_student(config: ModelConfig | DenseConfig, seed: int = 0, device: str 
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = build_model(config, device=device)
+        model = build_model(config, device=device, with_mtp=config.num_nextn_predict_layers > 0)
     finally:
         torch.random.set_rng_state(state)
     model.train()

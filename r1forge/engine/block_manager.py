@@ -129,17 +129,48 @@ class BlockManager:
         self.block_hash = [None] * self.num_blocks
         self.block_tokens = [None] * self.num_blocks
 
-    def register_computed(self, seq: Sequence) -> None:
-        """Publish the sequence's full, computed blocks for prefix reuse."""
+    def register_computed(self, seq: Sequence, token_ids: list[int] | None = None) -> None:
+        """Publish the sequence's full, computed blocks for prefix reuse.
+
+        `token_ids` (default: the sequence's) are the tokens the computed latents belong to: speculative
+        decoding passes the accepted drafts here before they are appended, and never a rejected one.
+        """
         if not self.enable_prefix_caching:
             return
+        token_ids = seq.token_ids if token_ids is None else token_ids
         n_full = seq.num_computed_tokens // self.block_size
         hashes = None
         for i in range(n_full):
             block = seq.block_table[i]
             if self.block_hash[block] is not None:
                 continue
-            hashes = hashes or self._chain_hashes(seq.token_ids, n_full)
+            hashes = hashes or self._chain_hashes(token_ids, n_full)
             self.block_hash[block] = hashes[i]
-            self.block_tokens[block] = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            self.block_tokens[block] = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
             self.hash_to_block.setdefault(hashes[i], block)
+
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Return the blocks past the first `num_tokens` tokens (rejected drafts' slots) to the pool."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            self._release(seq.block_table.pop())
+
+    def make_private(self, seq: Sequence, from_position: int) -> list[tuple[int, int]] | None:
+        """Copy-on-write every shared block holding positions >= `from_position`; returns the (src, dst) copies,
+        or None (nothing changed) when the pool has too few free blocks.
+
+        The MTP drafter writes a latent that depends on the sequence's own next token, so siblings that
+        share a block after a fork must each write into their own copy.
+        """
+        first = from_position // self.block_size
+        shared = [i for i in range(first, len(seq.block_table)) if self.ref_count[seq.block_table[i]] > 1]
+        if len(shared) > len(self.free):
+            return None
+        copies = []
+        for i in shared:
+            src = seq.block_table[i]
+            dst = self._allocate()
+            self._release(src)
+            seq.block_table[i] = dst
+            copies.append((src, dst))
+        return copies

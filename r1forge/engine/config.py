@@ -17,6 +17,40 @@ _CPU_DEFAULT_CACHE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding with the model's multi-token-prediction module (DeepSeek-V3 section 5.4.3).
+
+    Args:
+        method: "mtp", the only drafter: the checkpoint's own MTP module, applied recursively for k > 1.
+        num_speculative_tokens: k, tokens drafted per step and verified in one forward of k + 1 positions.
+        disable_by_batch_size: speculate only in steps with at most this many running sequences (vLLM's
+            `speculative_disable_by_batch_size`); above it the engine decodes plainly, where verifying k + 1
+            positions per sequence costs more compute than accepted drafts save. None: always speculate.
+    """
+
+    method: str = "mtp"
+    num_speculative_tokens: int = 1
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method != "mtp":
+            raise ValueError(f"speculative_config.method must be 'mtp' (the model's own MTP module), got "
+                             f"{self.method!r}")
+        _check_positive_int("speculative_config.num_speculative_tokens", self.num_speculative_tokens)
+        if self.disable_by_batch_size is not None:
+            _check_positive_int("speculative_config.disable_by_batch_size", self.disable_by_batch_size)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SpeculativeConfig:
+        """From vLLM's dict; an unknown key is a ValueError naming it and the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown speculative_config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Args:
         max_num_seqs: sequences decoded together at most.
@@ -34,6 +68,8 @@ class EngineConfig:
             `cuda_graphs` and `compile`. Eager on its own: what the CPU tests of the graph path run.
         cuda_graphs: capture fixed-shape decode steps as CUDA graphs and replay them. CUDA only.
         compile: run fixed-shape decode steps through `torch.compile` (CPU and GPU).
+        speculative_config: draft with the model's own MTP module and verify losslessly (vLLM's spelling:
+            {"method": "mtp", "num_speculative_tokens": k}); a dict or a `SpeculativeConfig`. None: off.
     """
 
     max_num_seqs: int = 256
@@ -47,8 +83,14 @@ class EngineConfig:
     static_decode: bool = False
     cuda_graphs: bool = False
     compile: bool = False
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.speculative_config, dict):
+            object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
+        elif self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
+            raise ValueError(f"speculative_config must be a dict or SpeculativeConfig, got "
+                             f"{type(self.speculative_config).__name__}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             _check_positive_int(name, getattr(self, name))
         for name in ("max_model_len", "kv_cache_memory", "num_blocks"):

@@ -32,7 +32,8 @@ class LLM:
             directory when it holds a tokenizer.json.
         config: the engine's options as one `EngineConfig`; or give them as keyword arguments
             (`max_num_seqs=`, `block_size=`, `kv_cache_memory=`, `cuda_graphs=`, ...: the field names), which
-            override the config's.
+            override the config's. `speculative_config={"method": "mtp", "num_speculative_tokens": k}` drafts
+            with the checkpoint's MTP module (loaded with it) and verifies losslessly.
         dtype, device: where and how a checkpoint directory is loaded (default: bf16 on CUDA, fp32 on CPU).
     """
 
@@ -46,7 +47,14 @@ class LLM:
             directory = Path(model)
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-            model = load_model(directory, dtype=dtype, device=device)
+            with_mtp = config.speculative_config is not None
+            if with_mtp:
+                from r1forge.config import ModelConfig
+
+                if ModelConfig.from_pretrained(directory).num_nextn_predict_layers == 0:
+                    raise ValueError(f"speculative_config method 'mtp' needs an MTP module, but the checkpoint "
+                                     f"{directory} has none (num_nextn_predict_layers is 0 in its config.json)")
+            model = load_model(directory, dtype=dtype, device=device, with_mtp=with_mtp)
             if tokenizer is None:
                 tokenizer = _load_tokenizer(directory)
         if not isinstance(model, CausalLM):

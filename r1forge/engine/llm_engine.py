@@ -27,8 +27,10 @@ from r1forge.engine.model_runner import ModelRunner, cache_bytes_per_token
 from r1forge.engine.outputs import CompletionOutput, RequestOutput, StreamDelta
 from r1forge.engine.sampler import sample
 from r1forge.engine.sampling_params import SamplingParams
-from r1forge.engine.scheduler import Scheduler
+from r1forge.engine.scheduler import ScheduledBatch, Scheduler
 from r1forge.engine.sequence import Sequence
+from r1forge.engine.speculative import MTPRow, SpeculativeDecoder, Verified, check_speculative_model, \
+    mtp_cache_bytes_per_token
 from r1forge.model import CausalLM
 
 
@@ -58,13 +60,19 @@ class LLMEngine:
         self.tokenizer = tokenizer
         device = next(model.parameters()).device
         cache_dtype = model.model.embed_tokens.weight.dtype
-        self.config = (config or EngineConfig()).resolve(model.config.max_position_embeddings,
-                                                         cache_bytes_per_token(model, cache_dtype), device)
+        config = config or EngineConfig()
+        bytes_per_token = cache_bytes_per_token(model, cache_dtype)
+        if config.speculative_config is not None:
+            check_speculative_model(model)
+            bytes_per_token += mtp_cache_bytes_per_token(model, cache_dtype)
+        self.config = config.resolve(model.config.max_position_embeddings, bytes_per_token, device)
         self.max_model_len = self.config.max_model_len
         self.block_manager = BlockManager(self.config.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.config)
+        self.spec = None if self.config.speculative_config is None else \
+            SpeculativeDecoder(model, self.config, self.runner, self.block_manager)
         self.requests: dict[str, Request] = {}
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
         if self.eos_token_id is None:
@@ -147,13 +155,29 @@ class LLMEngine:
                 seq = self.scheduler.waiting[0]
                 deltas += self._finish(seq, "length", None, [])
             return deltas
-        seqs, logits = self.runner.execute(batch)
+        spec = self.spec
+        drafted = [s for s in batch.seqs if s.draft_token_ids] if spec else []
+        speculate = spec is not None and spec.active(len(self.scheduler.running))
+        starts = [s.num_computed_tokens for s in batch.seqs]
+        if spec is not None:
+            spec.copy_blocks(batch.copies)
+        keep_hidden = speculate or bool(drafted)  # the plain call otherwise: what a wrapped runner expects
+        seqs, logits = self.runner.execute(batch, keep_hidden=True) if keep_hidden else self.runner.execute(batch)
+        hidden = self.runner.last_hidden
+        row_of = dict(zip((s.seq_id for s in batch.seqs), itertools.accumulate([0] + batch.num_tokens[:-1])))
+        verified: dict[int, Verified] = {}
+        if drafted:
+            verified = spec.verify(drafted, [row_of[s.seq_id] for s in drafted], hidden)
         for seq in batch.seqs:
-            self.block_manager.register_computed(seq)
+            v = verified.get(seq.seq_id)
+            self.block_manager.register_computed(seq, None if v is None else seq.token_ids + v.token_ids[:-1])
         if not seqs:
             return deltas
         rows, group = [], []
+        forked: list[tuple[Sequence, Sequence]] = []
         for i, seq in enumerate(seqs):
+            if seq.seq_id in verified:
+                continue
             rows.append(i)
             group.append(seq)
             if seq.pending_forks:
@@ -165,8 +189,24 @@ class LLMEngine:
                     self.scheduler.running.append(child)
                     rows.append(i)
                     group.append(child)
+                    forked.append((seq, child))
                 seq.pending_forks = 0
-        deltas += self._sample(logits[rows], group)
+        if group:
+            deltas += self._sample(logits[rows], group)
+        now = time.monotonic()
+        for seq in drafted:
+            if seq.is_finished:  # its request failed this step
+                continue
+            v = verified[seq.seq_id]
+            for token, logprob, top in zip(v.token_ids, v.logprobs, v.top_logprobs):
+                try:
+                    deltas += self._append(seq, token, logprob, top, now)
+                except Exception as e:  # detokenizer, stop strings: this request's own state
+                    deltas += self.fail(seq.request_id, e)
+                if seq.is_finished:  # a stop inside the accepted drafts (or a failure): the rest is never emitted
+                    break
+        if speculate:
+            self._draft(batch, starts, row_of, verified, forked, hidden)
         return deltas
 
     def _sample(self, logits: torch.Tensor, group: list[Sequence]) -> list[StreamDelta]:
@@ -210,6 +250,25 @@ class LLMEngine:
             if not seq.is_finished:
                 deltas += self._finish(seq, "error", None, [])
         return deltas
+
+    def _draft(self, batch: ScheduledBatch, starts: list[int], row_of: dict[int, int], verified: dict[int, Verified],
+               forked: list[tuple[Sequence, Sequence]], hidden: torch.Tensor) -> None:
+        """Hand the MTP drafter every position this step computed (and whose next token is now known)."""
+        mtp_rows = []
+        for seq, start, n in zip(batch.seqs, starts, batch.num_tokens):
+            if seq.is_finished or seq.params.uses_penalties:
+                continue
+            v = verified.get(seq.seq_id)
+            count = n if v is None else v.num_accepted + 1  # positions whose latents stayed in the cache
+            count = min(count, len(seq) - 1 - start)  # an unfinished prompt chunk knows its next tokens
+            if count > 0:
+                mtp_rows.append(MTPRow(seq, start, count, row_of[seq.seq_id]))
+        for parent, child in forked:
+            if not child.is_finished and not child.params.uses_penalties:
+                last = len(child) - 2  # the prompt's last position; its next token is the child's first
+                mtp_rows.append(MTPRow(child, last, 1, row_of[parent.seq_id] + last - starts[batch.seqs.index(parent)],
+                                       fork=True))
+        self.spec.draft(mtp_rows, hidden, self.max_model_len)
 
     def _append(self, seq: Sequence, token: int, logprob: float, top: dict[int, float] | None,
                 now: float) -> list[StreamDelta]:
@@ -324,4 +383,4 @@ class LLMEngine:
             "forward_tokens": self.runner.num_forward_tokens,
             "generated_tokens": self.num_generated_tokens,
             "preemptions": self.scheduler.num_preemptions,
-        }
+        } | ({} if self.spec is None else self.spec.stats())

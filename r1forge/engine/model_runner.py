@@ -41,6 +41,7 @@ class ModelRunner:
         self.kv_caches = self.cache_spec.allocate(config.pool_blocks, config.block_size, self.cache_dtype, self.device)
         self.num_forward_tokens = 0  # tokens pushed through the model, for prefix-sharing tests and stats
         self.num_prefill_tokens = 0  # of those, tokens that were not a decode step
+        self.last_hidden: torch.Tensor | None = None  # [N, D] of the last step, when asked to keep it
         self.static: StaticDecoder | None = StaticDecoder(model, self.kv_caches, config) \
             if config.uses_static_decode else None
 
@@ -50,11 +51,12 @@ class ModelRunner:
         return sum(c.numel() * c.element_size() for c in self.kv_caches)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Run the batch's new tokens through the model.
+    def execute(self, batch: ScheduledBatch, keep_hidden: bool = False) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Run the batch's new tokens (a sequence's unverified drafts included) through the model.
 
         Returns the sequences whose every token is now computed (they get a next token) and their last-position
-        logits [len, vocab] in float32.
+        logits [len, vocab] in float32. `keep_hidden` keeps every token's final hidden state in `last_hidden`
+        (what speculative decoding verifies and drafts from); such a step runs eagerly.
         """
         if batch.copies:  # copy-on-write of partial last blocks, all of this step's at once per layer
             src, dst = (torch.tensor(x, device=self.device) for x in zip(*batch.copies))
@@ -63,13 +65,15 @@ class ModelRunner:
         input_ids, positions, context_lens = [], [], []
         for seq, n in zip(batch.seqs, batch.num_tokens):
             start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start : start + n])
+            tokens = seq.token_ids + seq.draft_token_ids if seq.draft_token_ids else seq.token_ids
+            input_ids.extend(tokens[start : start + n])
             positions.extend(range(start, start + n))
             context_lens.append(start + n)
-            if n > 1 or seq.num_output_tokens == 0:
+            if n - len(seq.draft_token_ids) > 1 or seq.num_output_tokens == 0:
                 self.num_prefill_tokens += n
         self.num_forward_tokens += len(input_ids)
-        if self._is_static_decode(batch):
+        self.last_hidden = None
+        if not keep_hidden and self._is_static_decode(batch):
             logits = self.static.run(input_ids, positions, [s.block_table for s in batch.seqs])
             for seq in batch.seqs:
                 seq.num_computed_tokens += 1
@@ -81,13 +85,15 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model.model(ids, pos, metadata)  # [N, D]
+        if keep_hidden:
+            self.last_hidden = hidden
         # Only sequences whose every token is now computed produce a next token.
         last_rows, sampling = [], []
         offset = 0
         for seq, n in zip(batch.seqs, batch.num_tokens):
             offset += n
             seq.num_computed_tokens += n
-            if seq.num_computed_tokens == len(seq):
+            if seq.num_uncomputed == 0:
                 last_rows.append(offset - 1)
                 sampling.append(seq)
         if not sampling:

@@ -47,6 +47,7 @@ class Scheduler:
         """Free the sequence's blocks; it goes back to the head of the queue and recomputes what it had."""
         self.running.remove(seq)
         self.blocks.free_sequence(seq)
+        seq.drop_drafts()
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -56,11 +57,17 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch([], [])
         budget = self.max_num_batched_tokens
-        # Decodes first (one token each, latency-critical), then unfinished prefill chunks; oldest first.
-        order = sorted(self.running, key=lambda s: (s.num_uncomputed > 1, s.arrival, s.seq_id))
+        # Decodes first (one token each, or 1 + k with drafts: latency-critical), then unfinished prefill
+        # chunks; oldest first.
+        order = sorted(self.running, key=lambda s: (s.num_uncomputed - len(s.draft_token_ids) > 1, s.arrival,
+                                                    s.seq_id))
         for seq in order:
             if seq not in self.running or budget <= 0:
                 continue
+            if seq.draft_token_ids and seq.num_uncomputed > budget:
+                seq.drop_drafts()  # drafts are verified in one piece or not at all
+            if seq.draft_token_ids and not self.blocks.can_grow(seq, seq.num_uncomputed):
+                seq.drop_drafts()  # a full pool drops drafts before it preempts anyone
             n = min(seq.num_uncomputed, budget)
             while not self.blocks.can_grow(seq, n):
                 victim = max(self.running, key=lambda s: (s.arrival, s.seq_id))
@@ -96,6 +103,7 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         """Retire a sequence (finished or aborted) and return its blocks to the pool at once."""
         seq.status = SequenceStatus.FINISHED
+        seq.drop_drafts()
         if seq in self.running:
             self.running.remove(seq)
         if seq in self.waiting:

@@ -50,6 +50,11 @@ class Sequence:
         self.eos_token_id: int | None = None  # set by the engine from the tokenizer / model config
         self.num_preemptions = 0
         self.first_token_time: float | None = None
+        # Speculative decoding: tokens the MTP drafter proposed after token_ids, verified by the next step's
+        # forward (they are computed like tokens but are not the sequence's until accepted), and the draft
+        # distributions q they were sampled from ([k, vocab]; None when greedy).
+        self.draft_token_ids: list[int] = []
+        self.draft_probs: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -64,7 +69,13 @@ class Sequence:
 
     @property
     def num_uncomputed(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        """Tokens (drafts included) whose latents are not in the cache yet: what a step computes."""
+        return len(self.token_ids) + len(self.draft_token_ids) - self.num_computed_tokens
+
+    def drop_drafts(self) -> None:
+        """Forget unverified drafts (preempted, cut short by the token budget, or finished)."""
+        self.draft_token_ids = []
+        self.draft_probs = None
 
     @property
     def is_finished(self) -> bool:

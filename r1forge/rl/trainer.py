@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from r1forge.engine import LLM
+from r1forge.engine.speculative import check_speculative_model
 from r1forge.rl.config import GRPOConfig
 from r1forge.rl.evaluate import EvalResult, evaluate
 from r1forge.rl.grpo_loss import dynamic_sampling_filter, group_advantages, grpo_loss, zero_std_group_fraction
@@ -73,8 +74,15 @@ class GRPOTrainer:
             else reward_fn
         self.examples = train_examples
         # Decode graphs stay valid across updates: the optimizer changes the weights in place, at the same addresses.
-        self.llm = llm or LLM(model, tokenizer=tokenizer, max_num_seqs=config.prompts_per_step * config.num_generations,
-                              block_size=16, cuda_graphs=config.rollout_cuda_graphs, compile=config.rollout_compile)
+        if llm is None:
+            spec = None
+            if config.rollout_speculative_tokens:
+                check_speculative_model(model, "the GRPO policy (set model.mtp: true to load its MTP module)")
+                spec = {"method": "mtp", "num_speculative_tokens": config.rollout_speculative_tokens}
+            llm = LLM(model, tokenizer=tokenizer, max_num_seqs=config.prompts_per_step * config.num_generations,
+                      block_size=16, cuda_graphs=config.rollout_cuda_graphs, compile=config.rollout_compile,
+                      speculative_config=spec)
+        self.llm = llm
         self.log = log or (lambda step, metrics: None)
         self.log_completions = log_completions or (lambda step, rows: None)
         self.ref_model = self._frozen_copy() if config.beta > 0 else None
@@ -151,6 +159,7 @@ class GRPOTrainer:
         cfg = self.config
         G, max_len = cfg.num_generations, cfg.completion_length_at(self.step_count)
         t0 = time.perf_counter()
+        spec_before = self.llm.stats()
         batches, groups_dropped = [], 0
         for round_ in range(1 + (cfg.max_resample_rounds if cfg.dynamic_sampling else 0)):
             batch = self.rollout(self._next_examples(cfg.prompts_per_step), max_len,
@@ -169,6 +178,7 @@ class GRPOTrainer:
                 break
         rollout_time = time.perf_counter() - t0
         metrics: dict[str, float] = {"groups_dropped": float(groups_dropped)}
+        metrics.update(_speculation_metrics(spec_before, self.llm.stats()))
         if not batches:
             self.step_count += 1
             metrics.update(skipped=1.0, zero_std_fraction=1.0)
@@ -268,3 +278,21 @@ class GRPOTrainer:
             metrics = self.step()
             if progress is not None:
                 progress(self.step_count, metrics)
+
+
+def _speculation_metrics(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """This step's rollout acceptance (speculative decoding): overall, per draft position, mean emitted length."""
+    if "spec_draft_tokens" not in after:
+        return {}
+
+    def delta(key: str) -> float:
+        return after.get(key, 0) - before.get(key, 0)
+    drafted, steps = delta("spec_draft_tokens"), delta("spec_verify_steps")
+    out = {"rollout/spec_acceptance_rate": delta("spec_accepted_tokens") / drafted if drafted else 0.0,
+           "rollout/spec_mean_accepted_length": 1 + delta("spec_accepted_tokens") / steps if steps else 0.0}
+    j = 1
+    while f"spec_draft_tokens_pos{j}" in after:
+        d = delta(f"spec_draft_tokens_pos{j}")
+        out[f"rollout/spec_acceptance_rate_pos{j}"] = delta(f"spec_accepted_tokens_pos{j}") / d if d else 0.0
+        j += 1
+    return out

@@ -34,7 +34,17 @@ ENGINE_COUNTERS = {
     "preemptions": ("r1forge_num_preemptions", "Sequences preempted for lack of cache blocks."),
     "prefix_hit_tokens": ("r1forge_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache."),
     "static_decode_steps": ("r1forge_static_decode_steps", "Decode steps run at fixed shapes (CUDA graphs / compile)."),
+    "spec_draft_tokens": ("r1forge_spec_decode_num_draft_tokens", "Tokens the MTP drafter proposed."),
+    "spec_accepted_tokens": ("r1forge_spec_decode_num_accepted_tokens", "Drafted tokens the target accepted."),
+    "spec_verify_steps": ("r1forge_spec_decode_num_drafts", "Sequence-steps that verified drafts."),
 }
+# optional engine gauges of speculative decoding, exported when the engine speculates
+SPEC_GAUGES = {
+    "spec_acceptance_rate": ("r1forge_spec_decode_acceptance_rate", "Accepted / drafted tokens, 0 to 1."),
+    "spec_mean_accepted_length": ("r1forge_spec_decode_mean_acceptance_length",
+                                  "Tokens a verifying step emits per sequence (1 + accepted drafts)."),
+}
+SPEC_POSITION_PREFIX = "spec_acceptance_rate_pos"  # per draft position j: spec_acceptance_rate_pos{j}
 
 EngineStatsFn = Callable[[], Mapping[str, float]]
 
@@ -60,6 +70,20 @@ class _EngineCollector(Collector):
                 family = CounterMetricFamily(name, doc, labels=["model_name"])
                 family.add_metric([self.model_name], float(stats[key]))
                 yield family
+        for key, (name, doc) in SPEC_GAUGES.items():
+            if key in stats:
+                family = GaugeMetricFamily(name, doc, labels=["model_name"])
+                family.add_metric([self.model_name], float(stats[key]))
+                yield family
+        positions = sorted((int(key[len(SPEC_POSITION_PREFIX):]), float(v)) for key, v in stats.items()
+                           if key.startswith(SPEC_POSITION_PREFIX))
+        if positions:
+            family = GaugeMetricFamily("r1forge_spec_decode_acceptance_rate_per_pos",
+                                       "Acceptance rate of the j-th drafted token (1-based position).",
+                                       labels=["model_name", "position"])
+            for j, rate in positions:
+                family.add_metric([self.model_name, str(j)], rate)
+            yield family
 
 
 class ServerMetrics:

@@ -190,7 +190,9 @@ class PretrainRunConfig:
 
 
 def _sft_train() -> TrainConfig:
-    return TrainConfig(steps=300, lr=3e-4, warmup_steps=20, weight_decay=0.0, mtp_lambda=0.0)
+    # The MTP module keeps training on the assistant tokens (V3's later weight, 0.1): a chat-tuned model whose
+    # MTP head was left at its pretrained state drafts badly for speculative decoding.
+    return TrainConfig(steps=300, lr=3e-4, warmup_steps=20, weight_decay=0.0, mtp_lambda=0.1)
 
 
 @dataclass
@@ -199,7 +201,7 @@ class SFTRunConfig:
 
     run_dir: str = "runs/sft"  # metrics.jsonl, tb/, checkpoints/step-N/ go here
     seed: int = 0  # seeds the init, the data order and every RNG
-    model: ModelSection = field(default_factory=lambda: ModelSection(mtp=False))  # usually init_from a pretrain run
+    model: ModelSection = field(default_factory=ModelSection)  # usually init_from a pretrain run; MTP kept if it has one
     data: SFTDataConfig = field(default_factory=lambda: SFTDataConfig(synthetic_eval_problems=100))  # conversations
     train: TrainConfig = field(default_factory=_sft_train)  # the optimisation
     log: LogConfig = field(default_factory=lambda: LogConfig(eval_every=50, save_every=100))  # logging, checkpoints

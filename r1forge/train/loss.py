@@ -91,16 +91,21 @@ class CausalLMLoss:
         lm = self._ce_sum(model.lm_head(hidden), labels) / max(norms["lm"], 1.0)
         total = lm
         metrics = {"loss": lm.detach()}
-        depths = self._mtp_depths(model)
-        if depths:
-            per_depth = []
-            for k, logits in enumerate(model.mtp_logits(hidden, input_ids, positions), start=1):  # [B, T-k, V]
-                target = mtp_labels(labels, k, self.ignore_index)
-                per_depth.append(self._ce_sum(logits, target) / max(norms[f"mtp_{k}"], 1.0))
-            mtp = torch.stack(per_depth).sum() / depths
+        if self._mtp_depths(model):
+            mtp = self.mtp_loss(model, hidden, input_ids, positions, labels, norms)
             total = total + self.mtp_lambda * mtp
             metrics["mtp_loss"] = mtp.detach()
         return LossOutput(add_aux_loss(model, total, metrics, num_micro_batches), metrics)
+
+    def mtp_loss(self, model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
+                 positions: torch.Tensor | None, labels: torch.Tensor, norms: dict[str, float]) -> torch.Tensor:
+        """V3's L_MTP without lambda: the mean over depths k of depth k's token-mean cross-entropy, on targets
+        whose every label is trained (so SFT and distillation train MTP on assistant tokens only)."""
+        per_depth = []
+        for k, logits in enumerate(model.mtp_logits(hidden, input_ids, positions), start=1):  # [B, T-k, V]
+            target = mtp_labels(labels, k, self.ignore_index)
+            per_depth.append(self._ce_sum(logits, target) / max(norms[f"mtp_{k}"], 1.0))
+        return torch.stack(per_depth).sum() / len(per_depth)
 
 
 @torch.no_grad()
