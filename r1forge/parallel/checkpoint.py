@@ -116,11 +116,12 @@ def load_sharded_checkpoint(path: str | os.PathLike, model: nn.Module, mesh: Par
     state = torch.load(path / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
-        dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path / DCP_DIR)
+        dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path / DCP_DIR,
+                 no_dist=not mesh.distributed)
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_OPTIONS)
     else:
         model_sd = get_model_state_dict(model, options=_OPTIONS)
-        dcp.load({"model": model_sd}, checkpoint_id=path / DCP_DIR)
+        dcp.load({"model": model_sd}, checkpoint_id=path / DCP_DIR, no_dist=not mesh.distributed)
         set_model_state_dict(model, model_sd, options=_OPTIONS)
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])

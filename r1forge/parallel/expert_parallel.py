@@ -137,3 +137,21 @@ def shard_experts(model: nn.Module, ep_rank: int, ep: int, group: dist.ProcessGr
         layer.experts = LocalExperts(layer.experts, ep_rank * count, count)
         layer.dispatch = AllToAllDispatch(group, ep)
     return len(layers)
+
+
+def drop_unrouted_grads(layers: list[DeepseekMoE], loads: list[torch.Tensor]) -> int:
+    """Set to None the gradients of the experts no token chose in the whole global step; how many experts.
+
+    On one device such an expert has no gradient and AdamW skips it (no decay, no moment update); sharded, it
+    joined the gradient reduction with zeros. Dropping them makes the update the single-device one.
+    `loads` are the step's global tokens per expert, in `layers` order.
+    """
+    dropped = 0
+    for layer, load in zip(layers, loads, strict=True):
+        experts = layer.experts
+        first, count = (experts.first, experts.count) if isinstance(experts, LocalExperts) else (0, len(experts))
+        for e in (load[first: first + count] == 0).nonzero().flatten().tolist():
+            for p in experts[first + e].parameters():
+                p.grad = None
+            dropped += 1
+    return dropped

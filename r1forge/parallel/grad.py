@@ -28,7 +28,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float, mesh: ParallelMesh) -> torch.Tensor:
-    """Scale the gradients so that their global L2 norm is at most `max_norm` (inf: only measure); the norm."""
+    """Scale the gradients so that their global L2 norm is at most `max_norm` (inf: only measure); the norm.
+
+    A 1-process mesh is torch's own `clip_grad_norm_` (so single-device runs keep their numbers).
+    """
+    if not mesh.distributed:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
     grads = [_local(p.grad) for p in parameters if p.grad is not None]
     squares = torch.zeros(1, dtype=torch.float64, device=mesh.device)
     for g in grads:

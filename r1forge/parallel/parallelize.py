@@ -46,10 +46,14 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, bf16: bool = True) -> nn.M
             fully_shard(block.mlp.gate, mesh=dp_mesh, mp_policy=fp32)
             if mesh.ep > 1:
                 fully_shard(block.mlp.experts, mesh=mesh.expert_dp, mp_policy=mp)
+        if hasattr(block, "shared_head"):  # MTP: its head norm runs outside the block's forward (mtp_logits)
+            fully_shard(block.shared_head.norm, mesh=dp_mesh, mp_policy=mp)
         fully_shard(block, mesh=dp_mesh, mp_policy=mp)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
-    for name in ("hidden_states", "mtp_logits"):  # the trainers' entry points besides forward
-        register_fsdp_forward_method(model, name)
+    # The trainers' entry point besides forward. Not `mtp_logits`: its input (the hidden states) carries a
+    # gradient, and FSDP would run the root's post-backward (reduce, reshard) as soon as that gradient arrived,
+    # before the main head's and the embedding's backward. Under it the root's parameters are still gathered.
+    register_fsdp_forward_method(model, "hidden_states")
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
