@@ -5,6 +5,10 @@
 
 import sys
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from r1forge.cli import main
 
-sys.exit(main())
+# `record` writes an uncaught exception to torchrun's error file, so the launcher reports the failing rank's
+# own traceback as the root cause (not only the ranks its exit took down).
+sys.exit(record(main)())

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ def _layout(mesh: ParallelMesh) -> dict[str, int]:
 
 
 def save_sharded_checkpoint(directory: str | os.PathLike, step: int, model: nn.Module, mesh: ParallelMesh, *,
-                            optimizer: torch.optim.Optimizer, scheduler: Any = None, tokenizer: Any = None,
+                            optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, tokenizer: Any = None,
                             extra: dict[str, Any] | None = None, info: dict[str, Any] | None = None,
                             keep_last: int = 0) -> Path:
     """Write `directory/step-N` from every rank (a collective: all ranks call it); its path."""
@@ -69,8 +70,10 @@ def save_sharded_checkpoint(directory: str | os.PathLike, step: int, model: nn.M
         staging.mkdir()
     staging = Path(mesh.broadcast(str(staging)))
     try:
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=staging / DCP_DIR)
+        state = {"model": get_model_state_dict(model, options=_OPTIONS)}
+        if optimizer is not None:
+            state["model"], state["optimizer"] = get_state_dict(model, optimizer, options=_OPTIONS)
+        dcp.save(state, checkpoint_id=staging / DCP_DIR)
         own = staging / rank_file(mesh.rank)
         torch.save({"rng": rng_state(), "extra": extra or {}}, own)
         fsync_path(own)
@@ -79,7 +82,8 @@ def save_sharded_checkpoint(directory: str | os.PathLike, step: int, model: nn.M
                         "scheduler": scheduler.state_dict() if scheduler is not None else None},
                        staging / TRAINING_STATE_FILE)
             fsync_path(staging / TRAINING_STATE_FILE)
-            model.config.save_json(staging / "config.json")
+            # The config says what the checkpoint holds (a model built without its MTP modules has none).
+            model.config.replace(num_nextn_predict_layers=model.num_mtp).save_json(staging / "config.json")
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
         mesh.barrier()  # every rank's shards are on disk
@@ -155,7 +159,9 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     config = ModelConfig.from_pretrained(path)
     model = DeepseekForCausalLM(config, with_mtp=config.num_nextn_predict_layers > 0)
     model_sd = model.state_dict()
-    dcp.load({"model": model_sd}, checkpoint_id=path / DCP_DIR, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.load({"model": model_sd}, checkpoint_id=path / DCP_DIR, no_dist=True)
     out = Path(out_dir)
     save_checkpoint(model, out)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):

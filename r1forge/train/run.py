@@ -21,7 +21,6 @@ from r1forge.config import ModelConfig
 from r1forge.data import Tokenizer, load_tokenizer, train_tokenizer
 from r1forge.model import DeepseekForCausalLM, build_model
 from r1forge.parallel import ParallelMesh, init_parallel, parallelize
-from r1forge.parallel.checkpoint import export_checkpoint
 from r1forge.train.checkpointing import resolve_model_dir
 from r1forge.train.config import ModelSection, PretrainRunConfig, SFTRunConfig
 from r1forge.train.data import (
@@ -138,6 +137,8 @@ def _run(cfg: Any, resume: bool, make_data: Any, tokenizer_texts: Any, kind: str
     result = trainer.fit()
     if mesh.distributed and result.checkpoint is not None:  # the HF layout beside the shards, for load_model
         if mesh.is_main:
+            from r1forge.parallel.checkpoint import export_checkpoint
+
             export_checkpoint(result.checkpoint, result.checkpoint)
         mesh.barrier()
     summary = f"{kind} {result.status} at step {result.step}"

@@ -28,7 +28,6 @@ from torch.utils.checkpoint import checkpoint
 
 from r1forge.parallel import ParallelMesh, init_parallel
 from r1forge.parallel.expert_parallel import drop_unrouted_grads
-from r1forge.parallel.checkpoint import is_sharded, load_sharded_checkpoint, save_sharded_checkpoint
 from r1forge.parallel.grad import clip_grad_norm_
 from r1forge.train.balance import (
     ExpertLoadTracker, load_fractions, load_ratios, set_aux_loss_alpha, update_router_biases,
@@ -245,6 +244,8 @@ class Trainer:
         """Checkpoint the current step (atomically; older ones pruned to `keep_last`)."""
         info = {"tokens_seen": self.tokens_seen, **self.run_info}
         if self.parallel.distributed:
+            from r1forge.parallel.checkpoint import save_sharded_checkpoint  # (it imports this package)
+
             return save_sharded_checkpoint(self.checkpoint_dir, self.step, self.model, self.parallel,
                                            optimizer=self.optimizer, scheduler=self.scheduler, tokenizer=self.tokenizer,
                                            extra=self.state_extra(), info=info, keep_last=self.log_config.keep_last)
@@ -260,6 +261,8 @@ class Trainer:
         path = Path(path) if path is not None else latest_checkpoint(self.checkpoint_dir)
         if path is None:
             return None
+        from r1forge.parallel.checkpoint import is_sharded, load_sharded_checkpoint
+
         if is_sharded(path):
             state = load_sharded_checkpoint(path, self.model, self.parallel, optimizer=self.optimizer,
                                             scheduler=self.scheduler)

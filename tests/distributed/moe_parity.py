@@ -2,7 +2,8 @@
 one device, forward and backward on the same global batch, then one router-bias update.
 
 Every rank builds the reference from the same seed and runs it over the whole batch; the parallel model sees
-only this rank's rows. Writes OUT/rank-R.json with the largest relative errors it measured.
+only this rank's rows. Writes OUT/rank-R.json with the relative errors it measured, then a sharded checkpoint of the parallel
+model (OUT/checkpoints/step-00000001) and its logits on this rank's rows (OUT/logits-R.pt).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch.distributed.tensor import DTensor
 from r1forge.config import ModelConfig
 from r1forge.model import build_model
 from r1forge.parallel import ParallelConfig, init_parallel, parallelize
+from r1forge.parallel.checkpoint import save_sharded_checkpoint
 from r1forge.train.balance import ExpertLoadTracker, update_router_biases
 
 
@@ -64,6 +66,11 @@ def main(out_dir: str, dp_shard: int, ep: int) -> None:
               "biases": [b.tolist() for b in biases], "loads": [x.tolist() for x in loads]}
     with open(os.path.join(out_dir, f"rank-{mesh.rank}.json"), "w") as f:
         json.dump(result, f)
+    # A sharded checkpoint of the parallel model and its logits on the whole batch, for the export test.
+    save_sharded_checkpoint(os.path.join(out_dir, "checkpoints"), 1, model, mesh)
+    with torch.no_grad():
+        logits = model(mine)
+    torch.save({"ids": mine, "logits": logits}, os.path.join(out_dir, f"logits-{mesh.rank}.pt"))
     mesh.close()
 
 
