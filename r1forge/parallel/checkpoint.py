@@ -36,8 +36,8 @@ from torch.distributed.checkpoint.state_dict import (
 from r1forge.checkpoint.atomic import fsync_path
 from r1forge.parallel.mesh import ParallelMesh
 from r1forge.train.checkpointing import (
-    TRAINER_STATE_FILE, TRAINING_STATE_FILE, _write_json, checkpoint_name, prune_checkpoints, rng_state,
-    set_rng_state,
+    TRAINER_STATE_FILE, TRAINING_STATE_FILE, _write_json, checkpoint_name, place_checkpoint, prune_checkpoints,
+    rng_state, set_rng_state,
 )
 
 DCP_DIR = "dcp"
@@ -89,15 +89,7 @@ def save_sharded_checkpoint(directory: str | os.PathLike, step: int, model: nn.M
         mesh.barrier()  # every rank's shards are on disk
         if mesh.is_main:
             _write_json(staging / TRAINER_STATE_FILE, {"step": step, **_layout(mesh), **(info or {})})
-            fsync_path(staging)
-            if final.exists():
-                trash = directory / f".{final.name}.tmp-old-{secrets.token_hex(4)}"
-                os.rename(final, trash)
-                os.rename(staging, final)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.rename(staging, final)
-            fsync_path(directory)
+            place_checkpoint(staging, final)
             prune_checkpoints(directory, keep_last)
         mesh.barrier()  # nobody goes on (or resumes) before the checkpoint is in place
     except BaseException:
