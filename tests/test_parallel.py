@@ -205,7 +205,7 @@ def test_resume_on_another_world_size_loads_weights_and_optimizer(runs: Path) ->
     every parameter has its AdamW moments, and the notes say the per-rank RNGs were not carried."""
     from r1forge.model import build_model
     from r1forge.config import ModelConfig
-    from r1forge.parallel import init_parallel
+    from r1forge.parallel import ParallelMesh
     from r1forge.parallel.checkpoint import load_sharded_checkpoint
     from r1forge.train import build_optimizer, build_scheduler
 
@@ -215,7 +215,7 @@ def test_resume_on_another_world_size_loads_weights_and_optimizer(runs: Path) ->
     model = build_model(ModelConfig.from_pretrained(path), with_mtp=True)
     optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8)
     scheduler = build_scheduler(optimizer, 4, 20, 0.1)
-    state = load_sharded_checkpoint(path, model, init_parallel(), optimizer=optimizer, scheduler=scheduler)
+    state = load_sharded_checkpoint(path, model, ParallelMesh.single(), optimizer=optimizer, scheduler=scheduler)
     assert state["step"] == 20 and scheduler.last_epoch == 20
     assert any("RNG" in note and "'world_size': 4" in note for note in state["notes"])
     exported = final_weights(runs / "dp2xep2")

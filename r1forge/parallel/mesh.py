@@ -36,6 +36,11 @@ class ParallelMesh:
     device: torch.device
     mesh: DeviceMesh | None  # [dp_shard, ep] with those dim names; None for a 1-process run
 
+    @classmethod
+    def single(cls, device: torch.device | str = "cpu") -> "ParallelMesh":
+        """The mesh of a 1-process run (every collective is the identity), whatever the environment says."""
+        return cls(ParallelConfig(dp_shard=1, ep=1), 0, 1, 1, 1, torch.device(device), None)
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
@@ -123,7 +128,7 @@ def init_parallel(config: ParallelConfig | None = None, prefix: str = "parallel"
         raise ValueError(f"{prefix}.backend is 'nccl' but CUDA is not available")
     device = _device(backend) if world_size > 1 else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if world_size == 1:
-        return ParallelMesh(config, 0, 1, 1, 1, device, None)
+        return ParallelMesh.single(device)
     if not dist.is_initialized():
         # cpu:gloo beside nccl: object collectives (paths, counters) need a CPU backend.
         pg_backend = "cpu:gloo,cuda:nccl" if backend == "nccl" else "gloo"

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from r1forge.parallel import ParallelMesh, init_parallel
+from r1forge.parallel import ParallelMesh
 from r1forge.parallel.expert_parallel import drop_unrouted_grads
 from r1forge.parallel.grad import clip_grad_norm_
 from r1forge.train.balance import (
@@ -164,7 +164,7 @@ class Trainer:
         self.scheduler = scheduler or build_scheduler(self.optimizer, config.warmup_steps, config.steps,
                                                       config.min_lr_ratio)
         self.run_info = dict(run_info or {})
-        self.parallel = parallel or init_parallel()
+        self.parallel = parallel or ParallelMesh.single(next(model.parameters()).device)
         self.device = next(model.parameters()).device
         set_aux_loss_alpha(model, config.aux_loss_alpha)
         if config.activation_checkpointing:
