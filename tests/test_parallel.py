@@ -224,4 +224,4 @@ def test_resume_on_another_world_size_loads_weights_and_optimizer(runs: Path) ->
     for key, value in checkpoint_tensors(model).items():
         assert torch.equal(value, exported[key]), key
     moments = [optimizer.state[p]["exp_avg"] for p in model.parameters()]
-    assert len(moments) == len(list(model.parameters())) and all(m.abs().sum() > 0 for m in moments[:5])
+    assert all(m.abs().sum() > 0 for m in moments)  # every parameter's AdamW moment came back
