@@ -102,8 +102,9 @@ class StatefulLoader:
         # The position counts global batches, so another world size with the same global batch continues it.
         saved = state.get("batch_size", self.batch_size) * state.get("world_size", self.world_size)
         if saved != self.batch_size * self.world_size:
-            raise ValueError(f"loader state has a global batch of {saved} samples (batch_size x world_size), this "
-                             f"loader {self.batch_size * self.world_size}: resuming would not replay the same batches")
+            raise ValueError(f"loader state batch_size={state.get('batch_size')} x world_size={state.get('world_size')} "
+                             f"(a global batch of {saved}) does not match this loader's {self.batch_size} x "
+                             f"{self.world_size}: resuming would not replay the same batches")
         for key in ("epoch", "index"):
             if not isinstance(state.get(key), int) or state[key] < 0:
                 raise ValueError(f"loader state needs a non-negative integer {key!r}, got {state.get(key)!r}")
