@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("r1forge.commands.sample", "sample completions; --rejection keeps only correct ones as SFT data"),
     "distill": ("r1forge.commands.run:RUN_COMMANDS.distill", "distil a teacher into a smaller dense student"),
     "plot": ("r1forge.commands.plot", "PNG plots of a run's metrics"),
+    "export": ("r1forge.commands.export", "a sharded multi-process checkpoint -> Hugging Face safetensors"),
 }
 
 

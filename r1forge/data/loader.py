@@ -95,11 +95,16 @@ class StatefulLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position; refuses one taken over different data or batching."""
-        for key, mine in (("seed", self.seed), ("num_samples", len(self.dataset)), ("batch_size", self.batch_size),
-                          ("world_size", self.world_size), ("shuffle", self.shuffle)):
+        for key, mine in (("seed", self.seed), ("num_samples", len(self.dataset)), ("shuffle", self.shuffle)):
             if key in state and state[key] != mine:
                 raise ValueError(f"loader state {key}={state[key]!r} does not match this loader's {mine!r}: "
                                  "resuming would not replay the same batches")
+        # The position counts global batches, so another world size with the same global batch continues it.
+        saved = state.get("batch_size", self.batch_size) * state.get("world_size", self.world_size)
+        if saved != self.batch_size * self.world_size:
+            raise ValueError(f"loader state batch_size={state.get('batch_size')} x world_size={state.get('world_size')} "
+                             f"(a global batch of {saved}) does not match this loader's {self.batch_size} x "
+                             f"{self.world_size}: resuming would not replay the same batches")
         for key in ("epoch", "index"):
             if not isinstance(state.get(key), int) or state[key] < 0:
                 raise ValueError(f"loader state needs a non-negative integer {key!r}, got {state.get(key)!r}")

@@ -171,6 +171,21 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     fsync_path(path)
 
 
+def place_checkpoint(staging: Path, final: Path) -> None:
+    """Move a complete staging folder to `final` in one step (replacing an older copy), both fsynced."""
+    fsync_path(staging)
+    if final.exists() and exchange_directories(staging, final):  # re-saving a step: one atomic swap
+        shutil.rmtree(staging, ignore_errors=True)  # now holds the old checkpoint
+    elif final.exists():  # no renameat2: two renames (a crash between them leaves the old copy in trash)
+        trash = final.parent / f".{final.name}.tmp-old-{secrets.token_hex(4)}"
+        os.rename(final, trash)
+        os.rename(staging, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(staging, final)
+    fsync_path(final.parent)
+
+
 def save_training_checkpoint(directory: str | os.PathLike, step: int, model: nn.Module, *,
                              tokenizer: Any = None, optimizer: torch.optim.Optimizer | None = None,
                              scheduler: Any = None, extra: dict[str, Any] | None = None,
@@ -205,17 +220,7 @@ def save_training_checkpoint(directory: str | os.PathLike, step: int, model: nn.
         _write_json(staging / TRAINER_STATE_FILE, {"step": step, "checksums": MANIFEST_FILE, **(info or {})})
         model_files = read_manifest(staging)  # hashed by save_checkpoint a moment ago
         write_manifest(staging, reuse=model_files["files"] if model_files else None)
-        fsync_path(staging)
-        if final.exists() and exchange_directories(staging, final):  # re-saving a step: one atomic swap
-            shutil.rmtree(staging, ignore_errors=True)  # now holds the old checkpoint
-        elif final.exists():  # no renameat2: two renames (a crash between them leaves the old copy in trash)
-            trash = directory / f".{final.name}.tmp-old-{secrets.token_hex(4)}"
-            os.rename(final, trash)
-            os.rename(staging, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(staging, final)
-        fsync_path(directory)
+        place_checkpoint(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import yaml
 
 from r1forge.data.synthetic import KINDS, MAX_RESULT, MAX_STEPS, Problem, make_problems
+from r1forge.parallel.config import ParallelConfig
 
 T = TypeVar("T")
 
@@ -187,6 +188,7 @@ class PretrainRunConfig:
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)  # the data
     train: TrainConfig = field(default_factory=TrainConfig)  # the optimisation
     log: LogConfig = field(default_factory=LogConfig)  # logging, evaluation, checkpoints
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # degrees under torchrun (train.batch_size is global)
 
 
 def _sft_train() -> TrainConfig:
@@ -205,6 +207,7 @@ class SFTRunConfig:
     data: SFTDataConfig = field(default_factory=lambda: SFTDataConfig(synthetic_eval_problems=100))  # conversations
     train: TrainConfig = field(default_factory=_sft_train)  # the optimisation
     log: LogConfig = field(default_factory=lambda: LogConfig(eval_every=50, save_every=100))  # logging, checkpoints
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # degrees under torchrun (train.batch_size is global)
 
 
 def _key(prefix: str, key: str) -> str:

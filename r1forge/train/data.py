@@ -119,11 +119,12 @@ def unigram_entropy(counts: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
-def make_loader(dataset: Any, batch_size: int, seed: int) -> StatefulLoader:
-    """Shuffled, endless, resumable batches."""
-    if len(dataset) < batch_size:
-        raise ValueError(f"train.batch_size {batch_size} is larger than the dataset ({len(dataset)} rows)")
-    return StatefulLoader(dataset, batch_size, seed=seed, shuffle=True)
+def make_loader(dataset: Any, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> StatefulLoader:
+    """Shuffled, endless, resumable batches; data-parallel rank `rank` of `world_size` takes its disjoint
+    `batch_size` slice of every global batch (so the global batches are the 1-process run's)."""
+    if len(dataset) < batch_size * world_size:
+        raise ValueError(f"train.batch_size {batch_size * world_size} is larger than the dataset ({len(dataset)} rows)")
+    return StatefulLoader(dataset, batch_size, seed=seed, shuffle=True, rank=rank, world_size=world_size)
 
 
 def fixed_batches(dataset: Any | None, batch_size: int, max_batches: int) -> list[Batch] | None:

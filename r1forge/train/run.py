@@ -21,13 +21,14 @@ from r1forge.accounting import check_model_fits
 from r1forge.auto_config import config_from_preset, load_config
 from r1forge.data import Tokenizer, load_tokenizer, train_tokenizer
 from r1forge.model import CausalLM, build_model
+from r1forge.parallel import ParallelMesh, init_parallel, parallelize
 from r1forge.train.checkpointing import resolve_model_dir
 from r1forge.train.config import ModelSection, PretrainRunConfig, SFTRunConfig
 from r1forge.train.data import (
     fixed_batches, make_loader, pretrain_datasets, pretrain_texts, sft_datasets, sft_texts, target_counts,
     unigram_entropy,
 )
-from r1forge.train.prologue import start_run
+from r1forge.train.prologue import RunStart, seed_everything, start_run
 from r1forge.train.trainer import Trainer, TrainResult
 
 
@@ -84,9 +85,25 @@ def build_run_model(section: ModelSection, tokenizer: Tokenizer, device: torch.d
     return model
 
 
+def _parallel_prologue(cfg: Any, resume: bool | str) -> tuple[ParallelMesh, RunStart]:
+    """The mesh (1 process without torchrun) and the run's start, which rank 0 makes (directory, config) and
+    broadcasts; every rank is seeded alike."""
+    mesh = init_parallel(cfg.parallel)
+    if cfg.train.batch_size % mesh.world_size:
+        raise ValueError(f"train.batch_size {cfg.train.batch_size} (the global batch) is not divisible by the "
+                         f"{mesh.world_size} data-parallel ranks")
+    start = start_run(cfg, resume, device=cfg.train.device, device_key="train.device") if mesh.is_main else None
+    start = mesh.broadcast(start)
+    if not mesh.is_main:
+        seed_everything(cfg.seed)
+    return mesh, start
+
+
 def _run(cfg: Any, resume: bool | str, make_data: Any, tokenizer_texts: Any, kind: str) -> TrainResult:
-    start = start_run(cfg, resume, device=cfg.train.device, device_key="train.device")
-    run_dir, checkpoint, device = start.run_dir, start.checkpoint, start.device
+    mesh, start = _parallel_prologue(cfg, resume)
+    run_dir, checkpoint = Path(cfg.run_dir), start.checkpoint
+    say = print if mesh.is_main else (lambda *args, **kwargs: None)
+    device = mesh.device if mesh.distributed else start.device
     init_dir = resolve_model_dir(cfg.model.init_from) if cfg.model.init_from else None
     made: list[list[str] | None] = []  # the built-in texts, generated only if a tokenizer is trained on them
 
@@ -95,30 +112,45 @@ def _run(cfg: Any, resume: bool | str, make_data: Any, tokenizer_texts: Any, kin
             made.append(tokenizer_texts())
         return made[0]
 
-    tokenizer = _resolve_tokenizer(cfg.data.tokenizer, checkpoint, init_dir, run_dir, cfg.data.vocab_size,
-                                   cfg.data.files, texts)
+    tokenizer = None
+    if mesh.is_main:  # rank 0 trains the run's tokenizer (when there is none); the others then read it
+        tokenizer = _resolve_tokenizer(cfg.data.tokenizer, checkpoint, init_dir, run_dir, cfg.data.vocab_size,
+                                       cfg.data.files, texts)
+    mesh.barrier()
+    if tokenizer is None:
+        given = cfg.data.tokenizer or (str(run_dir / "tokenizer") if (run_dir / "tokenizer").is_dir() else None)
+        tokenizer = _resolve_tokenizer(given, checkpoint, init_dir, run_dir, cfg.data.vocab_size, cfg.data.files,
+                                       texts)
     model = build_run_model(cfg.model, tokenizer, device)
+    n_params = sum(p.numel() for p in model.parameters())  # before sharding: the whole model's
+    model = parallelize(model, mesh, cfg.train.bf16)
     train_ds, eval_ds = make_data(tokenizer, made[0] if made else None)
     counts = target_counts(train_ds, model.config.vocab_size)
     entropy = unigram_entropy(counts)
-    n_params = sum(p.numel() for p in model.parameters())
     info = {"kind": kind, "unigram_entropy": entropy, "train_targets": int(counts.sum()), "train_rows": len(train_ds),
-            "eval_rows": len(eval_ds) if eval_ds is not None else 0, "params": n_params, "device": str(device)}
-    print(f"{kind}: {n_params / 1e6:.2f}M parameters ({model.num_mtp} MTP), {len(train_ds)} training rows, "
+            "eval_rows": len(eval_ds) if eval_ds is not None else 0, "params": n_params, "device": str(device),
+            "world_size": mesh.world_size, "dp_shard": mesh.dp_shard, "ep": mesh.ep}
+    say(f"{kind}: {n_params / 1e6:.2f}M parameters ({model.num_mtp} MTP), {len(train_ds)} training rows, "
           f"{int(counts.sum())} target tokens, device {device}")
-    print(f"unigram entropy of the training tokens: {entropy:.4f} nats/token (the loss of a context-free model)")
-    loader = make_loader(train_ds, cfg.train.batch_size, cfg.seed)
+    say(f"unigram entropy of the training tokens: {entropy:.4f} nats/token (the loss of a context-free model)")
+    loader = make_loader(train_ds, cfg.train.batch_size // mesh.world_size, cfg.seed, mesh.rank, mesh.world_size)
     eval_batches = fixed_batches(eval_ds, cfg.train.batch_size, cfg.log.eval_batches)
     trainer = Trainer(model, loader, cfg.train, cfg.log, run_dir, eval_batches=eval_batches, tokenizer=tokenizer,
-                      run_info=info)
+                      run_info=info, parallel=mesh)
     if checkpoint is not None:
         trainer.resume(checkpoint)
-        print(f"resumed from {checkpoint} (step {trainer.step})")
+        say(f"resumed from {checkpoint} (step {trainer.step})")
     result = trainer.fit()
+    if mesh.distributed and result.checkpoint is not None:  # the HF layout beside the shards, for load_model
+        if mesh.is_main:
+            from r1forge.parallel.checkpoint import export_checkpoint
+
+            export_checkpoint(result.checkpoint, result.checkpoint)
+        mesh.barrier()
     summary = f"{kind} {result.status} at step {result.step}" + (f" ({result.reason})" if result.reason else "")
     if result.eval_loss is not None:
         summary += f": held-out loss {result.eval_loss:.4f} vs unigram {entropy:.4f} nats/token"
-    print(summary + (f"; checkpoint {result.checkpoint}" if result.checkpoint else ""))
+    say(summary + (f"; checkpoint {result.checkpoint}" if result.checkpoint else ""))
     return result
 
 

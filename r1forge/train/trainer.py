@@ -26,6 +26,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from r1forge.parallel import ParallelMesh
+from r1forge.parallel.expert_parallel import drop_unrouted_grads
+from r1forge.parallel.grad import clip_grad_norm_
 from r1forge.train.balance import (
     ExpertLoadTracker, load_fractions, load_ratios, set_aux_loss_alpha, update_router_biases,
 )
@@ -108,6 +111,22 @@ def _moe_names(model: nn.Module) -> list[str]:
     return names
 
 
+class _Silent:
+    """The metrics logger and progress bar of ranks other than 0."""
+
+    def log(self, step: int, record: dict[str, Any]) -> None:
+        pass
+
+    def update(self, steps: int = 1, **postfix: Any) -> None:
+        pass
+
+    def write(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Trainer:
     """Trains `model` in place on batches from `train_loader` (`input_ids`, `labels`, optional `position_ids`).
 
@@ -123,12 +142,16 @@ class Trainer:
         loss: the objective (default: next-token CE + lambda * MTP + aux).
         optimizer, scheduler: defaults are AdamW (decay on matrices) and warmup + cosine from `config`.
         run_info: JSON-able facts logged at start and stored in checkpoints (e.g. the unigram entropy).
+        parallel: the run's mesh when `model` is parallelized (r1forge.parallel): each rank then trains on its
+            share of every batch, loss normalisers, metrics and expert loads are summed over ranks, rank 0
+            logs, and checkpoints are sharded (DCP). None: one process.
     """
 
     def __init__(self, model: nn.Module, train_loader: ResumableLoader, config: TrainConfig, log_config: LogConfig,
                  run_dir: str | Path, *, eval_batches: list[Batch] | None = None, tokenizer: Any = None,
                  loss: TrainingLoss | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 scheduler: Any = None, run_info: dict[str, Any] | None = None) -> None:
+                 scheduler: Any = None, run_info: dict[str, Any] | None = None,
+                 parallel: ParallelMesh | None = None) -> None:
         self.model = model
         self.loader = train_loader
         self.config = config
@@ -143,6 +166,7 @@ class Trainer:
         self.scheduler = scheduler or build_scheduler(self.optimizer, config.warmup_steps, config.steps,
                                                       config.min_lr_ratio)
         self.run_info = dict(run_info or {})
+        self.parallel = parallel or ParallelMesh.single(next(model.parameters()).device)
         self.device = next(model.parameters()).device
         set_aux_loss_alpha(model, config.aux_loss_alpha)
         if config.activation_checkpointing:
@@ -169,25 +193,32 @@ class Trainer:
         """One optimizer step (see the module docstring)."""
         self.model.train()
         cpu_batches = self.next_batches()
-        norms = self.loss.normalizers(self.model, cpu_batches)
+        world = self.parallel.world_size
+        norms = self.parallel.sum_floats(self.loss.normalizers(self.model, cpu_batches))  # global target counts
         tokens = sum(int(b["attention_mask"].sum()) if b.get("attention_mask") is not None else b["input_ids"].numel()
                      for b in cpu_batches)
         batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in cpu_batches]
         sums: dict[str, torch.Tensor] = {}
         for batch in batches:
             with self.autocast():
-                out = self.loss(self.model, batch, norms, len(batches))
+                out = self.loss(self.model, batch, norms, len(batches) * world)  # the global micro-batch count
             out.loss.backward()
             if self.tracker.layers:
                 self.tracker.collect()
             for key, value in out.metrics.items():
                 sums[key] = sums[key] + value if key in sums else value
         metrics = dict(zip(sums, torch.stack([v.detach().float() for v in sums.values()]).tolist())) if sums else {}
+        if self.parallel.distributed:
+            metrics = self.parallel.sum_floats(metrics)  # each rank holds its share of the global mean
+            tokens = int(self.parallel.sum_floats({"tokens": tokens})["tokens"])
+            if self.tracker.layers:
+                loads = self.parallel.all_reduce_(self.tracker.step_loads())  # global: identical biases everywhere
+                drop_unrouted_grads(self.tracker.layers, loads)  # as on one device: no token, no gradient
         lr = self.optimizer.param_groups[0]["lr"]
         grad_norm = math.nan
         if self.guard.is_finite(*metrics.values()):
             max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+            grad_norm = clip_grad_norm_(self.model.parameters(), max_norm, self.parallel).item()
         bad = {k: v for k, v in metrics.items() if not math.isfinite(v)} or {"grad_norm": grad_norm}
         applied = self.guard.check(*metrics.values(), grad_norm, step=self.step + 1,
                                    reason=", ".join(f"{k}={v}" for k, v in bad.items()))
@@ -216,17 +247,33 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint the current step (atomically; older ones pruned to `keep_last`)."""
         info = {"tokens_seen": self.tokens_seen, **self.run_info}
+        if self.parallel.distributed:
+            from r1forge.parallel.checkpoint import save_sharded_checkpoint  # (it imports this package)
+
+            return save_sharded_checkpoint(self.checkpoint_dir, self.step, self.model, self.parallel,
+                                           optimizer=self.optimizer, scheduler=self.scheduler, tokenizer=self.tokenizer,
+                                           extra=self.state_extra(), info=info, keep_last=self.log_config.keep_last)
         return save_training_checkpoint(self.checkpoint_dir, self.step, self.model, tokenizer=self.tokenizer,
                                         optimizer=self.optimizer, scheduler=self.scheduler, extra=self.state_extra(),
                                         info=info, keep_last=self.log_config.keep_last)
 
     def resume(self, path: str | Path | None = None) -> int | None:
         """Continue from `path` or the newest complete checkpoint of this run; returns its step (None: none)."""
-        clean_staging(self.checkpoint_dir)
+        if self.parallel.is_main:
+            clean_staging(self.checkpoint_dir)
+        self.parallel.barrier()
         path = Path(path) if path is not None else latest_checkpoint(self.checkpoint_dir)
         if path is None:
             return None
-        state = load_training_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        from r1forge.parallel.checkpoint import is_sharded, load_sharded_checkpoint
+
+        if is_sharded(path):
+            state = load_sharded_checkpoint(path, self.model, self.parallel, optimizer=self.optimizer,
+                                            scheduler=self.scheduler)
+            for note in state["notes"]:
+                self._say(f"resume: {note}")
+        else:
+            state = load_training_checkpoint(path, self.model, self.optimizer, self.scheduler)
         extra = state["extra"]
         self.loader.load_state_dict(extra["loader"])
         self.guard.load_state_dict(extra.get("guard", {}))
@@ -235,6 +282,10 @@ class Trainer:
         self.tracker.load_state_dict(extra.get("interval_loads") or {})
         self.step = self.resumed_from = state["step"]
         return self.step
+
+    def _say(self, message: str) -> None:
+        if self.parallel.is_main:
+            print(message)
 
     # ------------------------------------------------------------------ the loop
     def _accumulate(self, out: StepOutput) -> None:
@@ -264,8 +315,9 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to `config.steps`, logging, evaluating and checkpointing on the way."""
         cfg, lcfg = self.config, self.log_config
-        logger = MetricsLogger(self.run_dir, lcfg.tensorboard, resume_step=self.resumed_from)
-        progress = Progress(cfg.steps, self.step, lcfg.progress)
+        main = self.parallel.is_main  # only rank 0 writes metrics and shows progress
+        logger = MetricsLogger(self.run_dir, lcfg.tensorboard, resume_step=self.resumed_from) if main else _Silent()
+        progress = Progress(cfg.steps, self.step, lcfg.progress) if main else _Silent()
         logger.log(self.step, {"event": "start", "resumed_from": self.resumed_from, **self.run_info})
         status, eval_loss, last_log, reason = "completed", None, time.perf_counter(), ""
         try:
