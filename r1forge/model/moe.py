@@ -99,6 +99,42 @@ class ExpertDispatch(Protocol):
                  experts: nn.ModuleList) -> torch.Tensor: ...
 
 
+def sort_copies(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Order the T*K token copies by expert: (order [T*K], token_of_copy [T*K], counts [E] long).
+
+    The sort is stable, so within an expert the copies keep token order (what makes dispatchers agree).
+    """
+    K = topk_ids_TK.shape[1]
+    flat_ids = topk_ids_TK.reshape(-1)  # [T*K]
+    order = flat_ids.argsort(stable=True)  # copies grouped by expert
+    return order, order // K, torch.bincount(flat_ids, minlength=num_experts)
+
+
+def run_sorted(experts: nn.Module, x_sorted: torch.Tensor, counts: list[int], first: int = 0,
+               run_empty: bool = False) -> torch.Tensor:
+    """Expert first + e over its contiguous slice of `x_sorted` [N, D] (counts[e] rows each) -> [N, D].
+
+    `run_empty` also runs experts with no rows, so their parameters get (zero) gradients: a sharded expert
+    must take part in every gradient reduction whether or not its tokens came this step.
+    """
+    out_sorted = torch.empty_like(x_sorted)
+    start = 0
+    for e, n in enumerate(counts):
+        if n or run_empty:
+            out_sorted[start : start + n] = experts[first + e](x_sorted[start : start + n])
+            start += n
+    return out_sorted
+
+
+def combine_copies(x_TD: torch.Tensor, out_sorted: torch.Tensor, order: torch.Tensor, token_of_copy: torch.Tensor,
+                   topk_weights_TK: torch.Tensor) -> torch.Tensor:
+    """y_t = sum over t's copies of g * E(x_t), summed in float32 -> [T, D] in x's dtype."""
+    weights = topk_weights_TK.reshape(-1)[order].unsqueeze(-1)  # [T*K, 1] float32
+    y_TD = torch.zeros_like(x_TD, dtype=torch.float32)
+    y_TD.index_add_(0, token_of_copy, out_sorted.float() * weights)
+    return y_TD.to(x_TD.dtype)
+
+
 class SortedDispatch:
     """Sort the T*K token copies by expert; each expert runs once over its contiguous slice.
 
@@ -107,22 +143,9 @@ class SortedDispatch:
 
     def __call__(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                  experts: nn.ModuleList) -> torch.Tensor:
-        T, K = topk_ids_TK.shape
-        flat_ids = topk_ids_TK.reshape(-1)  # [T*K]
-        order = flat_ids.argsort(stable=True)  # copies grouped by expert
-        token_of_copy = order // K  # which token each sorted copy came from
-        counts = torch.bincount(flat_ids, minlength=len(experts)).tolist()
-        x_sorted = x_TD[token_of_copy]  # [T*K, D]
-        out_sorted = torch.empty_like(x_sorted)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                out_sorted[start : start + n] = experts[e](x_sorted[start : start + n])
-                start += n
-        weights = topk_weights_TK.reshape(-1)[order].unsqueeze(-1)  # [T*K, 1] float32
-        y_TD = torch.zeros_like(x_TD, dtype=torch.float32)
-        y_TD.index_add_(0, token_of_copy, out_sorted.float() * weights)
-        return y_TD.to(x_TD.dtype)
+        order, token_of_copy, counts = sort_copies(topk_ids_TK, len(experts))
+        out_sorted = run_sorted(experts, x_TD[token_of_copy], counts.tolist())  # [T*K, D]
+        return combine_copies(x_TD, out_sorted, order, token_of_copy, topk_weights_TK)
 
 
 class DeepseekMoE(nn.Module):

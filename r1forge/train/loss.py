@@ -87,7 +87,7 @@ class CausalLMLoss:
         """Loss of one micro-batch; `norms` from `normalizers` over the whole step's micro-batches."""
         input_ids, labels = batch["input_ids"], batch["labels"]
         positions = batch.get("position_ids")
-        hidden = model.model(input_ids, positions)  # [B, T, D]
+        hidden = model.hidden_states(input_ids, positions)  # [B, T, D]
         lm = self._ce_sum(model.lm_head(hidden), labels) / max(norms["lm"], 1.0)
         total = lm
         metrics = {"loss": lm.detach()}
@@ -119,7 +119,7 @@ def evaluate_loss(model: nn.Module, batches: list[Batch],
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast():
-                logits = model.lm_head(model.model(batch["input_ids"], batch.get("position_ids")))
+                logits = model(batch["input_ids"], batch.get("position_ids"))
             total += F.cross_entropy(logits.flatten(0, -2).float(), batch["labels"].flatten(),
                                      ignore_index=ignore_index, reduction="sum").item()
             count += int((batch["labels"] != ignore_index).sum())
