@@ -11,6 +11,7 @@ import torch
 
 from r1forge.engine.config import EngineConfig
 from r1forge.engine.llm_engine import LLMEngine
+from r1forge.engine.model_runner import ModelRunner
 from r1forge.engine.outputs import RequestOutput, StreamDelta
 from r1forge.engine.sampling_params import SamplingParams
 from r1forge.model import DeepseekForCausalLM
@@ -31,32 +32,75 @@ class LLM:
         tokenizer: r1forge `Tokenizer` (or anything with encode/decode/eos_token_id); loaded from the
             directory when it holds a tokenizer.json.
         config: the engine's options as one `EngineConfig`; or give them as keyword arguments
-            (`max_num_seqs=`, `block_size=`, `kv_cache_memory=`, `cuda_graphs=`, ...: the field names), which
-            override the config's.
+            (`max_num_seqs=`, `block_size=`, `kv_cache_memory=`, `cuda_graphs=`, `tensor_parallel_size=`,
+            `enable_expert_parallel=`, ...: the field names), which override the config's. With
+            tensor_parallel_size=N the engine starts N - 1 worker processes (`r1forge.engine.executor`); each rank
+            reads its shard from the checkpoint (an in-memory model is first saved to a temporary directory).
+            Call `shutdown()` (or let the LLM be collected) to end them.
         dtype, device: where and how a checkpoint directory is loaded (default: bf16 on CUDA, fp32 on CPU).
     """
+
+    _directory: Path | None = None
 
     def __init__(self, model: str | os.PathLike | DeepseekForCausalLM, tokenizer: Any | None = None,
                  config: EngineConfig | None = None, *, dtype: torch.dtype | None = None,
                  device: str | torch.device | None = None, **engine_options: Any) -> None:
         config = (config or EngineConfig()).with_options(**engine_options)
-        if isinstance(model, (str, os.PathLike)):
+        runner_factory: Any = ModelRunner
+        self._tmp_checkpoint = None
+        if config.tensor_parallel_size > 1:
+            model, runner_factory = self._tensor_parallel(model, config, dtype, device)
+        elif isinstance(model, (str, os.PathLike)):
             from r1forge.loading import load_model
 
-            directory = Path(model)
+            directory = self._directory = Path(model)
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
             model = load_model(directory, dtype=dtype, device=device)
-            if tokenizer is None:
-                tokenizer = _load_tokenizer(directory)
         if not isinstance(model, DeepseekForCausalLM):
             raise TypeError(f"model must be a checkpoint directory or DeepseekForCausalLM, got {type(model).__name__}")
+        if tokenizer is None and self._directory is not None:
+            tokenizer = _load_tokenizer(self._directory)
         model.eval()
         self.model = model
         self.tokenizer = tokenizer
-        self.engine = LLMEngine(model, tokenizer, config)
+        self.engine = LLMEngine(model, tokenizer, config, runner_factory)
         self.config = self.engine.config
         self.cache_bytes_per_token = self.engine.runner.cache_bytes_per_token
+
+    def _tensor_parallel(self, model: str | os.PathLike | DeepseekForCausalLM, config: EngineConfig,
+                         dtype: torch.dtype | None, device: str | torch.device | None) -> tuple[Any, Any]:
+        """Rank 0's shard and the runner factory that starts the workers."""
+        from functools import partial
+
+        from r1forge.config import ModelConfig
+        from r1forge.engine.executor import TensorParallelRunner, checkpoint_dir_of, load_shard
+
+        if isinstance(model, DeepseekForCausalLM):
+            dtype = dtype or model.model.embed_tokens.weight.dtype
+            device = device or next(model.parameters()).device
+            self._tmp_checkpoint = checkpoint_dir_of(model)
+            directory = Path(self._tmp_checkpoint.name)
+        elif isinstance(model, (str, os.PathLike)):
+            directory = self._directory = Path(model)
+            if not directory.is_dir():
+                raise FileNotFoundError(f"model directory not found: {directory}")
+        else:
+            raise TypeError(f"model must be a checkpoint directory or DeepseekForCausalLM, got {type(model).__name__}")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda":
+            device = torch.device("cuda", 0)  # rank r uses cuda:r
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        config.check_model(ModelConfig.from_pretrained(directory))
+        shard = load_shard(directory, 0, config, dtype, device)
+        return shard, partial(TensorParallelRunner, directory=directory, dtype=dtype)
+
+    def shutdown(self) -> None:
+        """End the worker processes of a tensor-parallel engine (a no-op on one device)."""
+        self.engine.runner.shutdown()
+        if self._tmp_checkpoint is not None:
+            self._tmp_checkpoint.cleanup()
+            self._tmp_checkpoint = None
 
     # ------------------------------------------------------------------ offline generation
     def generate(self, prompts: str | list[int] | SequenceABC[str | list[int]],

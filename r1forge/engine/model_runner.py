@@ -6,6 +6,8 @@ latent per token and nothing else (the layout FlashMLA-style kernels read, block
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from r1forge.engine.config import EngineConfig
@@ -18,6 +20,18 @@ from r1forge.model import AttentionMetadata, DeepseekForCausalLM
 def cache_bytes_per_token(model: DeepseekForCausalLM, dtype: torch.dtype) -> int:
     """latent_dim (kv_lora_rank + qk_rope_head_dim) * num_hidden_layers * element size."""
     return model.config.latent_dim * model.config.num_hidden_layers * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class StepInput:
+    """One forward's inputs as plain lists: what a tensor-parallel rank 0 sends its workers each step."""
+
+    copies: list[tuple[int, int]]  # copy-on-write (src block, dst block) pairs, applied before the forward
+    input_ids: list[int]
+    positions: list[int]
+    block_tables: list[list[int]]
+    context_lens: list[int]
+    num_tokens: list[int]
 
 
 class ModelRunner:
@@ -57,10 +71,6 @@ class ModelRunner:
         Returns the sequences whose every token is now computed (they get a next token) and their last-position
         logits [len, vocab] in float32.
         """
-        if batch.copies:  # copy-on-write of partial last blocks, all of this step's at once per layer
-            src, dst = (torch.tensor(x, device=self.device) for x in zip(*batch.copies))
-            for cache in self.kv_caches:
-                cache[dst] = cache[src]
         input_ids, positions, context_lens = [], [], []
         for seq, n in zip(batch.seqs, batch.num_tokens):
             start = seq.num_computed_tokens
@@ -70,18 +80,15 @@ class ModelRunner:
             if n > 1 or seq.num_output_tokens == 0:
                 self.num_prefill_tokens += n
         self.num_forward_tokens += len(input_ids)
+        step = StepInput(list(batch.copies), input_ids, positions, [list(s.block_table) for s in batch.seqs],
+                         context_lens, list(batch.num_tokens))
         if self._is_static_decode(batch):
+            self.copy_blocks(step.copies)
             logits = self.static.run(input_ids, positions, [s.block_table for s in batch.seqs])
             for seq in batch.seqs:
                 seq.num_computed_tokens += 1
             return list(batch.seqs), logits
-        metadata = AttentionMetadata.build(
-            self.kv_caches, [s.block_table for s in batch.seqs], context_lens, batch.num_tokens,
-            self.block_size, self.device, absorbed=self.absorbed,
-        )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model.model(ids, pos, metadata)  # [N, D]
+        hidden = self.run_model(step)  # [N, D]
         # Only sequences whose every token is now computed produce a next token.
         last_rows, sampling = [], []
         offset = 0
@@ -95,6 +102,32 @@ class ModelRunner:
             return [], None
         logits = self.model.lm_head(hidden[torch.tensor(last_rows, device=self.device)])
         return sampling, logits.float()
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write of partial last blocks, all of this step's at once per layer."""
+        if copies:
+            src, dst = (torch.tensor(x, device=self.device) for x in zip(*copies))
+            for cache in self.kv_caches:
+                cache[dst] = cache[src]
+
+    @torch.inference_mode()
+    def run_model(self, step: StepInput) -> torch.Tensor:
+        """The cache copies and the forward of one step -> final hidden states [N, D] (what every
+        tensor-parallel rank runs on its shard; `r1forge.engine.executor` sends the step to the workers)."""
+        self.copy_blocks(step.copies)
+        metadata = AttentionMetadata.build(
+            self.kv_caches, step.block_tables, step.context_lens, step.num_tokens,
+            self.block_size, self.device, absorbed=self.absorbed,
+        )
+        ids = torch.tensor(step.input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(step.positions, dtype=torch.long, device=self.device)
+        return self.model.model(ids, pos, metadata)
+
+    def check_health(self) -> None:
+        """Raise if the runner can no longer step (a multi-process runner whose worker died); no-op here."""
+
+    def shutdown(self) -> None:
+        """Release what the runner started (worker processes); no-op for a single device."""
 
     def _is_static_decode(self, batch: ScheduledBatch) -> bool:
         """One new token per sequence, each completing its sequence, within the static buckets."""
