@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from r1forge.engine.async_llm import EngineDeadError
     from r1forge.serve import build_engine, serve
     from r1forge.train.cli import run_with_errors
 
@@ -56,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
         engine = build_engine(args.model, max_waiting=args.max_waiting, max_num_seqs=args.max_num_seqs,
                               max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                               **engine_kwargs(args))
-        serve(engine, config)
+        try:
+            serve(engine, config)
+        except EngineDeadError as e:  # e.g. a tensor-parallel worker died: say so in one message
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         return 0
 
     return run_with_errors(start)

@@ -36,7 +36,9 @@ class LLM:
             `enable_expert_parallel=`, ...: the field names), which override the config's. With
             tensor_parallel_size=N the engine starts N - 1 worker processes (`r1forge.engine.executor`); each rank
             reads its shard from the checkpoint (an in-memory model is first saved to a temporary directory).
-            Call `shutdown()` (or let the LLM be collected) to end them.
+            Call `shutdown()` (or let the LLM be collected) to end them. Under torchrun (WORLD_SIZE = N) no
+            process is started: rank 0's `LLM` returns as usual and the other ranks' `LLM(...)` call serves
+            rank 0's steps until it shuts down, then exits the process.
         dtype, device: where and how a checkpoint directory is loaded (default: bf16 on CUDA, fp32 on CPU).
     """
 
@@ -74,7 +76,13 @@ class LLM:
         from functools import partial
 
         from r1forge.config import ModelConfig
-        from r1forge.engine.executor import TensorParallelRunner, checkpoint_dir_of, load_shard
+        from r1forge.engine.executor import (
+            TensorParallelRunner,
+            checkpoint_dir_of,
+            launched_by_torchrun,
+            load_shard,
+            serve_torchrun_rank,
+        )
 
         if isinstance(model, DeepseekForCausalLM):
             dtype = dtype or model.model.embed_tokens.weight.dtype
@@ -92,7 +100,15 @@ class LLM:
             device = torch.device("cuda", 0)  # rank r uses cuda:r
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         config.check_model(ModelConfig.from_pretrained(directory))
-        shard = load_shard(directory, 0, config, dtype, device)
+        rank = 0
+        if launched_by_torchrun():  # every rank runs this script; ranks > 0 serve rank 0 and end here
+            rank = int(os.environ["RANK"])
+            if device.type == "cuda":
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+            if rank != 0:
+                serve_torchrun_rank(directory, config, dtype)
+                raise SystemExit(0)
+        shard = load_shard(directory, rank, config, dtype, device)
         return shard, partial(TensorParallelRunner, directory=directory, dtype=dtype)
 
     def shutdown(self) -> None:

@@ -191,11 +191,23 @@ def apply_tensor_parallel(model: nn.Module, rank: int, size: int, group: dist.Pr
     return layout
 
 
+_HEAD_PROJECTIONS = (".q_proj.", ".q_b_proj.", ".kv_b_proj.", ".o_proj.")
+
+
 def resident_bytes(model: nn.Module) -> dict[str, int]:
-    """Parameter bytes held by this rank: attention, routed experts, and the rest."""
-    out = {"attention": 0, "routed_experts": 0, "other": 0}
+    """Parameter bytes this rank holds, by kind.
+
+    attention_heads: the per-head projections (q_proj / q_b_proj, kv_b_proj, o_proj), split over the ranks;
+    attention_latent: the latent and query down-projections and their norms, replicated on every rank;
+    routed_experts: split by width or, with expert parallelism, by expert; other: embeddings, norms, routers,
+    dense and shared MLPs (split), the LM head (rank 0).
+    """
+    out = dict.fromkeys(("attention_heads", "attention_latent", "routed_experts", "other"), 0)
     for name, p in model.named_parameters():
-        kind = "attention" if ".self_attn." in name else "routed_experts" if ".experts." in name else "other"
+        if ".self_attn." in name:
+            kind = "attention_heads" if any(h in name for h in _HEAD_PROJECTIONS) else "attention_latent"
+        else:
+            kind = "routed_experts" if ".experts." in name else "other"
         out[kind] += p.numel() * p.element_size()
     return out
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import threading
@@ -41,6 +42,7 @@ from r1forge.serve.metrics import ServerMetrics
 from r1forge.serve.protocol import SSE_DONE, Usage, api_error, sse
 
 _T = TypeVar("_T")
+logger = logging.getLogger(__name__)
 
 # generation_config.json keys that become server-side sampling defaults (R1 ships temperature 0.6, top_p 0.95)
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -307,6 +309,13 @@ class _GracefulServer(uvicorn.Server):
         self.engine = engine
         self.drain_timeout = drain_timeout
 
+    async def on_tick(self, counter: int) -> bool:
+        """Exit when the engine died (a tensor-parallel worker lost): /health already says 503."""
+        if self.engine.errored and not self.should_exit:
+            logger.error("the engine stopped, shutting the server down: %s", self.engine.dead_error)
+            self.should_exit = True
+        return await super().on_tick(counter)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
         draining = loop.run_in_executor(None, self.engine.shutdown, self.drain_timeout)
@@ -335,6 +344,8 @@ def serve(engine: AsyncLLM, config: ServerConfig) -> None:
     app = create_app(engine, config)
     server = _GracefulServer(_uvicorn_config(app, config), engine, config.shutdown_timeout)
     server.run()
+    if engine.errored:
+        raise EngineDeadError(f"the server stopped because the engine failed: {engine.dead_error}")
 
 
 class BackgroundServer:
