@@ -28,16 +28,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (read from /proc: the worker the server spawned)."""
+def _spawned_children(pid: int) -> list[int]:
+    """Processes `pid` started by multiprocessing's spawn (its TP worker; not the resource tracker), from /proc."""
     kids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if int(fields[1]) == pid:
+            if int(fields[1]) == pid and b"spawn_main" in cmdline:
                 kids.append(int(entry.name))
     return kids
 
@@ -95,7 +96,7 @@ def test_serve_tensor_parallel_answers_then_stops_when_a_worker_dies(tmp_path: P
         done = client.completions.create(model=tmp_path.name, prompt="The cat sat", max_tokens=6, temperature=0.0)
         assert done.choices[0].text == expected  # the sharded server writes what one device writes
 
-        (worker,) = _children(server.pid)
+        (worker,) = _spawned_children(server.pid)
         os.kill(worker, signal.SIGKILL)
         _wait(lambda: _health(url) != 200, 30, "/health turning unhealthy")
         _wait(lambda: server.poll() is not None, 60, "the server exiting")

@@ -201,7 +201,9 @@ class TensorParallelExecutor:
 
     # -------------------------------------------------------------- per step
     def check(self) -> None:
+        """Raise the failure the watchdog or a step saw (ending the other workers first), or that we stopped."""
         if self.failure is not None:
+            self.shutdown()
             raise self.failure
         if self._stopped:
             raise WorkerError("the tensor-parallel engine was shut down")
