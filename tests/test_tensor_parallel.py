@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_hf_checkpoint
+from conftest import make_hf_checkpoint, randomise_
 from r1forge import LLM
 from r1forge.config import ModelConfig
 from r1forge.checkpoint.fp8 import quantize_fp8_blockwise
@@ -104,6 +104,15 @@ class TestTensorParallel:
 
     def test_memory_per_rank(self, llm, checkpoint):
         check_memory(llm, checkpoint, expert_parallel=False)
+
+    def test_update_weights_hands_the_policy_to_every_rank(self, llm, checkpoint):
+        """What GRPO rollouts over a TP engine need after each optimizer step: the trainer's new weights."""
+        policy = randomise_(load_model(checkpoint), seed=5)
+        seconds = llm.update_weights(policy)
+        short = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0)
+        assert_same(llm.generate(PROMPTS, short), LLM(policy, block_size=16).generate(PROMPTS, short))
+        print(f"weight hand-over to 2 ranks: {seconds * 1e3:.1f} ms for "
+              f"{sum(t.numel() * t.element_size() for t in policy.state_dict().values())} bytes")
 
     def test_worker_that_raises_stops_the_engine(self, llm):
         executor = llm.engine.runner.executor

@@ -91,8 +91,9 @@ def test_serve_tensor_parallel_answers_then_stops_when_a_worker_dies(tmp_path: P
                 reasoning += (c.delta.model_extra or {}).get("reasoning_content") or ""
         # The template opens <think> and a random model never closes it: everything it wrote is reasoning.
         assert reasoning
+        prompt_ids = tok.encode("The cat sat", add_special_tokens=True)  # as /v1/completions encodes it
         expected = r1forge.LLM(tmp_path, device="cpu").generate(
-            "The cat sat", r1forge.SamplingParams(temperature=0.0, max_tokens=6))[0].outputs[0].text
+            [prompt_ids], r1forge.SamplingParams(temperature=0.0, max_tokens=6))[0].outputs[0].text
         done = client.completions.create(model=tmp_path.name, prompt="The cat sat", max_tokens=6, temperature=0.0)
         assert done.choices[0].text == expected  # the sharded server writes what one device writes
 

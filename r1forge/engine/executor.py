@@ -45,7 +45,7 @@ from r1forge.model import DeepseekForCausalLM
 from r1forge.parallel.config import ParallelConfig
 from r1forge.parallel.mesh import init_parallel
 from r1forge.parallel.sharded_load import load_model_shard
-from r1forge.parallel.tensor_parallel import resident_bytes
+from r1forge.parallel.tensor_parallel import ShardLayout, copy_into_shard_, resident_bytes
 
 _POLL_S = 0.5  # how often workers check their parent, and the watchdog its workers
 
@@ -89,11 +89,26 @@ def _join_group(rank: int, world_size: int, port: int, device_type: str, timeout
 
 
 def load_shard(directory: str | os.PathLike, rank: int, config: EngineConfig, dtype: torch.dtype,
-               device: str | torch.device) -> DeepseekForCausalLM:
+               device: str | torch.device) -> tuple[DeepseekForCausalLM, ShardLayout]:
     """This rank's shard of the checkpoint (rank 0 keeps the LM head; workers never compute logits)."""
-    model, _ = load_model_shard(directory, rank, config.tensor_parallel_size, dtype=dtype, device=device,
-                                expert_parallel=config.enable_expert_parallel, keep_lm_head=rank == 0)
-    return model
+    return load_model_shard(directory, rank, config.tensor_parallel_size, dtype=dtype, device=device,
+                            expert_parallel=config.enable_expert_parallel, keep_lm_head=rank == 0)
+
+
+WeightsMeta = list[tuple[str, tuple[int, ...], torch.dtype]]
+
+
+def broadcast_weights(model: DeepseekForCausalLM, layout: ShardLayout, metas: WeightsMeta,
+                      full: dict[str, torch.Tensor] | None = None) -> None:
+    """Every rank: receive each single-device tensor of `metas` from rank 0 (which passes `full`) and keep its
+    part. One tensor at a time, so a rank never holds more than its shard plus one full tensor."""
+    targets = model.state_dict(keep_vars=True)
+    device = next(model.parameters()).device
+    for name, shape, dtype in metas:
+        tensor = full[name].detach().to(device).contiguous() if full is not None else \
+            torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(tensor, src=0)
+        copy_into_shard_(targets, layout, name, tensor)
 
 
 def worker_main(spec: WorkerSpec, conn: Any) -> None:
@@ -102,7 +117,7 @@ def worker_main(spec: WorkerSpec, conn: Any) -> None:
         torch.set_num_threads(spec.num_threads)
         mesh = _join_group(spec.rank, spec.world_size, spec.master_port, spec.device_type,
                            spec.config.worker_timeout_s)
-        model = load_shard(spec.directory, spec.rank, spec.config, spec.dtype, mesh.device)
+        model, layout = load_shard(spec.directory, spec.rank, spec.config, spec.dtype, mesh.device)
         runner = ModelRunner(model, spec.config)
         conn.send(("ready", spec.rank, resident_bytes(model)))
         parent = mp.parent_process()
@@ -114,6 +129,8 @@ def worker_main(spec: WorkerSpec, conn: Any) -> None:
             kind, payload = conn.recv()
             if kind == "step":
                 runner.run_model(payload)
+            elif kind == "weights":
+                broadcast_weights(model, layout, payload)
             elif kind == "stop":
                 break
             elif kind == "raise":  # fault injection for tests: a worker-side exception mid-run
@@ -209,10 +226,14 @@ class TensorParallelExecutor:
             raise WorkerError("the tensor-parallel engine was shut down")
 
     def send_step(self, step: StepInput) -> None:
+        self.send("step", step)
+
+    def send(self, kind: str, payload: Any) -> None:
+        """One message to every worker (a step, new weights' names and shapes)."""
         self.check()
-        for rank, (_, conn) in enumerate(self.workers, start=1):
+        for _, conn in self.workers:
             try:
-                conn.send(("step", step))
+                conn.send((kind, payload))
             except OSError as e:
                 raise self.fail(e) from e
 
@@ -273,8 +294,9 @@ class TensorParallelRunner(ModelRunner):
     """
 
     def __init__(self, model: DeepseekForCausalLM, config: EngineConfig, directory: str | os.PathLike,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, layout: ShardLayout) -> None:
         super().__init__(model, config)
+        self.layout = layout
         if launched_by_torchrun():
             self.executor: TensorParallelExecutor | TorchrunExecutor = TorchrunExecutor(config, model)
         else:
@@ -287,6 +309,19 @@ class TensorParallelRunner(ModelRunner):
             return super().run_model(step)
         except Exception as e:  # a collective failed: a worker died, raised or timed out
             raise self.executor.fail(e) from e
+
+    def update_weights(self, source: torch.nn.Module) -> float:
+        """Hand the single-device model `source`'s current weights to every rank (each keeps its part);
+        returns the seconds it took. What an RL trainer calls after each optimizer step."""
+        start = time.perf_counter()
+        full = {k: v for k, v in source.state_dict().items()}
+        metas = [(name, tuple(t.shape), t.dtype) for name, t in full.items()]
+        self.executor.send("weights", metas)
+        try:
+            broadcast_weights(self.model, self.layout, metas, full)
+        except Exception as e:
+            raise self.executor.fail(e) from e
+        return time.perf_counter() - start
 
     def check_health(self) -> None:
         self.executor.check()
@@ -328,8 +363,11 @@ class TorchrunExecutor:
             raise WorkerError("the tensor-parallel engine was shut down")
 
     def send_step(self, step: StepInput) -> None:
+        self.send("step", step)
+
+    def send(self, kind: str, payload: Any) -> None:
         self.check()
-        dist.broadcast_object_list([("step", step)], src=0, group=self.control)
+        dist.broadcast_object_list([(kind, payload)], src=0, group=self.control)
 
     def fail(self, error: BaseException) -> WorkerError:
         if self.failure is None:
@@ -358,7 +396,7 @@ def join_torchrun(config: EngineConfig):
 def serve_torchrun_rank(directory: str | os.PathLike, config: EngineConfig, dtype: torch.dtype) -> None:
     """What ranks > 0 of a torchrun launch do inside `LLM(...)`: run rank 0's steps until it shuts down."""
     mesh = join_torchrun(config)
-    model = load_shard(directory, mesh.rank, config, dtype, mesh.device)
+    model, layout = load_shard(directory, mesh.rank, config, dtype, mesh.device)
     control = dist.new_group(backend="gloo", timeout=timedelta(days=365))
     dist.all_gather_object([None] * mesh.world_size, resident_bytes(model), group=control)
     box: list[Any] = [None]
@@ -370,6 +408,8 @@ def serve_torchrun_rank(directory: str | os.PathLike, config: EngineConfig, dtyp
             runner = ModelRunner(model, payload)
         elif kind == "step":
             runner.run_model(payload)
+        elif kind == "weights":
+            broadcast_weights(model, layout, payload)
         elif kind == "stop":
             break
     dist.destroy_process_group()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence as SequenceABC
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,22 @@ class LLM:
             if rank != 0:
                 serve_torchrun_rank(directory, config, dtype)
                 raise SystemExit(0)
-        shard = load_shard(directory, rank, config, dtype, device)
-        return shard, partial(TensorParallelRunner, directory=directory, dtype=dtype)
+        shard, layout = load_shard(directory, rank, config, dtype, device)
+        return shard, partial(TensorParallelRunner, directory=directory, dtype=dtype, layout=layout)
+
+    def update_weights(self, model: DeepseekForCausalLM) -> float:
+        """Take `model`'s current weights (a single-device model of the same config, e.g. the policy an RL
+        trainer just updated) and drop the stale prefix cache; returns the seconds the hand-over took. On one
+        device an engine built over `model` itself shares its weights and only the cache is reset."""
+        if self.engine.has_unfinished():
+            raise RuntimeError("update_weights with requests in flight would mix old and new weights")
+        start = time.perf_counter()
+        if hasattr(self.engine.runner, "update_weights"):
+            self.engine.runner.update_weights(model)
+        elif model is not self.model:
+            self.model.load_state_dict(model.state_dict())
+        self.engine.block_manager.reset_prefix_cache()
+        return time.perf_counter() - start
 
     def shutdown(self) -> None:
         """End the worker processes of a tensor-parallel engine (a no-op on one device)."""

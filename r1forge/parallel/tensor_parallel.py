@@ -191,6 +191,18 @@ def apply_tensor_parallel(model: nn.Module, rank: int, size: int, group: dist.Pr
     return layout
 
 
+@torch.no_grad()
+def copy_into_shard_(targets: dict[str, torch.Tensor], layout: ShardLayout, name: str, full: torch.Tensor) -> bool:
+    """Copy this rank's part of the single-device tensor `full` into the shard's tensor `name` (from
+    `state_dict(keep_vars=True)`); False when the rank does not hold it."""
+    dest = targets.get(name)
+    if dest is None or not layout.owns(name):
+        return False
+    spec = layout.shard_of(name)
+    dest.copy_(spec.take(full) if spec is not None else full)
+    return True
+
+
 _HEAD_PROJECTIONS = (".q_proj.", ".q_b_proj.", ".kv_b_proj.", ".o_proj.")
 
 
@@ -212,4 +224,5 @@ def resident_bytes(model: nn.Module) -> dict[str, int]:
     return out
 
 
-__all__ = ["TensorShard", "ShardLayout", "TokenSliceDispatch", "apply_tensor_parallel", "resident_bytes"]
+__all__ = ["TensorShard", "ShardLayout", "TokenSliceDispatch", "apply_tensor_parallel", "copy_into_shard_",
+           "resident_bytes"]
