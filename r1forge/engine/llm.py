@@ -77,13 +77,8 @@ class LLM:
         from functools import partial
 
         from r1forge.config import ModelConfig
-        from r1forge.engine.executor import (
-            TensorParallelRunner,
-            checkpoint_dir_of,
-            launched_by_torchrun,
-            load_shard,
-            serve_torchrun_rank,
-        )
+        from r1forge.engine.executor import TensorParallelRunner, checkpoint_dir_of, load_shard
+        from r1forge.engine.torchrun import launched_by_torchrun, serve_torchrun_rank
 
         if isinstance(model, DeepseekForCausalLM):
             dtype = dtype or model.model.embed_tokens.weight.dtype

@@ -41,7 +41,6 @@ def load_model_shard(directory: str | os.PathLike, rank: int, size: int, *, dtyp
     model.to_empty(device=device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary.reset_cache() if hasattr(model.model.rotary, "reset_cache") else None
     load_checkpoint(model, directory, layout=layout)
     model.eval()
     return model, layout
