@@ -24,7 +24,7 @@ from r1forge import LLM
 from r1forge.config import ModelConfig
 from r1forge.checkpoint.fp8 import quantize_fp8_blockwise
 from r1forge.engine.config import EngineConfig
-from r1forge.engine.executor import WorkerError
+from r1forge.engine.rank_shard import WorkerError
 from r1forge.engine.sampling_params import SamplingParams
 from r1forge.loading import load_model
 from r1forge.parallel.sharded_load import load_model_shard

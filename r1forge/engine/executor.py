@@ -46,14 +46,10 @@ from r1forge.engine.model_runner import ModelRunner, StepInput
 from r1forge.model import DeepseekForCausalLM
 from r1forge.parallel.config import ParallelConfig
 from r1forge.parallel.mesh import init_parallel
-from r1forge.parallel.sharded_load import load_model_shard
-from r1forge.parallel.tensor_parallel import ShardLayout, copy_into_shard_, resident_bytes
+from r1forge.engine.rank_shard import WorkerError, broadcast_weights, load_shard
+from r1forge.parallel.tensor_parallel import ShardLayout, resident_bytes
 
 _POLL_S = 0.5  # how often workers check their parent, and the watchdog its workers
-
-
-class WorkerError(RuntimeError):
-    """A tensor-parallel worker died or raised; the engine cannot step any more."""
 
 
 @dataclass(frozen=True)
@@ -88,29 +84,6 @@ def _join_group(rank: int, world_size: int, port: int, device_type: str, timeout
                             timeout=timedelta(seconds=timeout_s), device_id=device)
     return init_parallel(ParallelConfig(dp_shard=1, ep=world_size, backend=backend, timeout_s=timeout_s),
                          world_size=world_size)
-
-
-def load_shard(directory: str | os.PathLike, rank: int, config: EngineConfig, dtype: torch.dtype,
-               device: str | torch.device) -> tuple[DeepseekForCausalLM, ShardLayout]:
-    """This rank's shard of the checkpoint (rank 0 keeps the LM head; workers never compute logits)."""
-    return load_model_shard(directory, rank, config.tensor_parallel_size, dtype=dtype, device=device,
-                            expert_parallel=config.enable_expert_parallel, keep_lm_head=rank == 0)
-
-
-WeightsMeta = list[tuple[str, tuple[int, ...], torch.dtype]]
-
-
-def broadcast_weights(model: DeepseekForCausalLM, layout: ShardLayout, metas: WeightsMeta,
-                      full: dict[str, torch.Tensor] | None = None) -> None:
-    """Every rank: receive each single-device tensor of `metas` from rank 0 (which passes `full`) and keep its
-    part. One tensor at a time, so a rank never holds more than its shard plus one full tensor."""
-    targets = model.state_dict(keep_vars=True)
-    device = next(model.parameters()).device
-    for name, shape, dtype in metas:
-        tensor = full[name].detach().to(device).contiguous() if full is not None else \
-            torch.empty(shape, dtype=dtype, device=device)
-        dist.broadcast(tensor, src=0)
-        copy_into_shard_(targets, layout, name, tensor)
 
 
 def worker_main(spec: WorkerSpec, conn: Any) -> None:

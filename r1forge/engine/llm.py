@@ -77,7 +77,8 @@ class LLM:
         from functools import partial
 
         from r1forge.config import ModelConfig
-        from r1forge.engine.executor import TensorParallelRunner, checkpoint_dir_of, load_shard
+        from r1forge.engine.executor import TensorParallelRunner, checkpoint_dir_of
+        from r1forge.engine.rank_shard import load_shard
         from r1forge.engine.torchrun import launched_by_torchrun, serve_torchrun_rank
 
         if isinstance(model, DeepseekForCausalLM):

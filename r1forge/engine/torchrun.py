@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from r1forge.engine.config import EngineConfig
-from r1forge.engine.executor import WorkerError, broadcast_weights, load_shard
+from r1forge.engine.rank_shard import WorkerError, broadcast_weights, load_shard
 from r1forge.engine.model_runner import ModelRunner, StepInput
 from r1forge.model import DeepseekForCausalLM
 from r1forge.parallel.config import ParallelConfig
