@@ -46,7 +46,7 @@ from r1forge.engine.model_runner import ModelRunner, StepInput
 from r1forge.model import DeepseekForCausalLM
 from r1forge.parallel.config import ParallelConfig
 from r1forge.parallel.mesh import init_parallel
-from r1forge.engine.rank_shard import WorkerError, broadcast_weights, load_shard
+from r1forge.engine.rank_shard import RankChannel, WorkerError, broadcast_weights, load_shard
 from r1forge.parallel.tensor_parallel import ShardLayout, resident_bytes
 
 _POLL_S = 0.5  # how often workers check their parent, and the watchdog its workers
@@ -120,7 +120,7 @@ def worker_main(spec: WorkerSpec, conn: Any) -> None:
         os._exit(1)  # closes this rank's sockets, so rank 0's pending collective fails instead of waiting
 
 
-class TensorParallelExecutor:
+class TensorParallelExecutor(RankChannel):
     """Rank 0's handle on the workers: start, send steps, watch, stop (see the module docstring)."""
 
     def __init__(self, directory: str | os.PathLike, config: EngineConfig, dtype: torch.dtype,
@@ -192,17 +192,6 @@ class TensorParallelExecutor:
         return "\n".join(lines)
 
     # -------------------------------------------------------------- per step
-    def check(self) -> None:
-        """Raise the failure the watchdog or a step saw (ending the other workers first), or that we stopped."""
-        if self.failure is not None:
-            self.shutdown()
-            raise self.failure
-        if self._stopped:
-            raise WorkerError("the tensor-parallel engine was shut down")
-
-    def send_step(self, step: StepInput) -> None:
-        self.send("step", step)
-
     def send(self, kind: str, payload: Any) -> None:
         """One message to every worker (a step, new weights' names and shapes)."""
         self.check()

@@ -4,6 +4,7 @@ r1forge/engine/executor.py, or torchrun, r1forge/engine/torchrun.py): load it, a
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -16,6 +17,33 @@ from r1forge.parallel.tensor_parallel import ShardLayout, copy_into_shard_
 
 class WorkerError(RuntimeError):
     """A tensor-parallel worker died or raised; the engine cannot step any more."""
+
+
+class RankChannel:
+    """Rank 0's side of the ranks (spawned workers or torchrun's): the failure state and the step message.
+
+    Subclasses implement `send(kind, payload)` to every other rank and `shutdown()`.
+    """
+
+    failure: WorkerError | None = None
+    _stopped: bool = False
+
+    def check(self) -> None:
+        """Raise the failure a watchdog or a step saw (ending the other ranks first), or that we stopped."""
+        if self.failure is not None:
+            self.shutdown()
+            raise self.failure
+        if self._stopped:
+            raise WorkerError("the tensor-parallel engine was shut down")
+
+    def send_step(self, step: Any) -> None:
+        self.send("step", step)
+
+    def send(self, kind: str, payload: Any) -> None:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        raise NotImplementedError
 
 
 def load_shard(directory: str | os.PathLike, rank: int, config: EngineConfig, dtype: torch.dtype,

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from r1forge.engine.config import EngineConfig
-from r1forge.engine.rank_shard import WorkerError, broadcast_weights, load_shard
-from r1forge.engine.model_runner import ModelRunner, StepInput
+from r1forge.engine.rank_shard import RankChannel, WorkerError, broadcast_weights, load_shard
+from r1forge.engine.model_runner import ModelRunner
 from r1forge.model import DeepseekForCausalLM
 from r1forge.parallel.config import ParallelConfig
 from r1forge.parallel.mesh import init_parallel
@@ -32,7 +32,7 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-class TorchrunExecutor:
+class TorchrunExecutor(RankChannel):
     """The executor when torchrun started the ranks: steps go out by `broadcast_object_list` on a gloo group.
 
     The control group waits without a deadline (an idle server sends no step for hours); a rank that dies is
@@ -50,15 +50,6 @@ class TorchrunExecutor:
         self.workers: list[tuple[Any, Any]] = []  # none of its own: torchrun owns the processes
         self.failure: WorkerError | None = None
         self._stopped = False
-
-    def check(self) -> None:
-        if self.failure is not None:
-            raise self.failure
-        if self._stopped:
-            raise WorkerError("the tensor-parallel engine was shut down")
-
-    def send_step(self, step: StepInput) -> None:
-        self.send("step", step)
 
     def send(self, kind: str, payload: Any) -> None:
         self.check()
