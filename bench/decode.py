@@ -4,6 +4,8 @@
     .venv/bin/python bench/decode.py --device cuda --dtype bfloat16 --preset v2-lite-shaped --cuda-graphs
     .venv/bin/python bench/decode.py --compile       # adds r1forge with torch.compile'd decode steps
     .venv/bin/python bench/decode.py --model-type qwen2 --prompt-len 32,512   # a dense GQA student (R1-Distill)
+    .venv/bin/python bench/decode.py --tensor-parallel-size 2 [--enable-expert-parallel]   # adds r1forge over 2
+        processes (gloo on CPU; on CUDA, NCCL over cuda:0..N-1), with each rank's resident parameter bytes
 
 Prints decode tokens/s of both at each batch size and their ratio (each r1forge variant asked for runs in the
 same process on the same weights), the physical limit of the run (the slower of: the bytes each step must
@@ -23,6 +25,7 @@ import time
 import torch
 
 import r1forge
+import r1forge.parallel.tensor_parallel
 from r1forge import LLM, SamplingParams
 
 SHAPES = {
@@ -110,6 +113,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--compile", action="store_true", help="also time r1forge with torch.compile'd decode steps")
     ap.add_argument("--cuda-graphs", action="store_true", help="also time r1forge with CUDA-graph decode steps")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="also time r1forge sharded over this many processes (eager steps)")
+    ap.add_argument("--enable-expert-parallel", action="store_true",
+                    help="with --tensor-parallel-size: routed experts split over the ranks")
     args = ap.parse_args()
     import transformers
 
@@ -140,6 +147,15 @@ def main() -> None:
         variants["r1forge+compile"] = LLM(model, compile=True, **engine)
     if args.cuda_graphs:
         variants["r1forge+graphs"] = LLM(model, cuda_graphs=True, compile=args.compile, **engine)
+    tp = args.tensor_parallel_size
+    if tp > 1:
+        name = f"r1forge+tp{tp}" + ("+ep" if args.enable_expert_parallel else "")
+        variants[name] = LLM(model, tensor_parallel_size=tp, enable_expert_parallel=args.enable_expert_parallel,
+                             **engine)
+        for rank, held in sorted(variants[name].engine.runner.executor.rank_bytes.items()):
+            print(f"{name} rank {rank} parameters: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in held.items()))
+        full = r1forge.parallel.tensor_parallel.resident_bytes(model)
+        print("one device parameters: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in full.items()))
     bandwidth = copy_bandwidth(args.device)
     flops = matmul_flops(args.device, dtype)
     print(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s, matmul {flops / 1e9:.0f} GFLOP/s")
@@ -187,6 +203,8 @@ def main() -> None:
     v3 = r1forge.kv_cache_bytes_per_token(r1forge.ModelConfig.from_preset("deepseek-v3"))
     print(f"DeepSeek-V3 shapes, bf16: MLA {v3.mla} B/token vs MHA {v3.mha} B/token ({v3.mha / v3.mla:.1f}x, "
           f"MLA = {100 * v3.mla / v3.mha:.2f}%)")
+    for llm in variants.values():
+        llm.shutdown()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 # The checks that need an NVIDIA GPU, in one run: the tests marked `gpu` (CUDA-graph decode, grouped-GEMM MoE,
 # FP8 dequantisation on the device), then decode throughput against transformers in bfloat16 with the
 # DeepSeek-V2-Lite-shaped model, eager / CUDA graphs / compile + graphs side by side, with the bandwidth limit;
-# then multi-process training throughput (bench/scaling.py, NCCL, bf16) on the GPUs present.
+# then multi-process training throughput (bench/scaling.py, NCCL, bf16) on the GPUs present; with 2+ GPUs also tensor-parallel decode (NCCL, bf16) over 2 GPUs, without and with expert parallelism, and
+# the tensor-parallel engine tests on CUDA.
 #
 #   bash bench/gpu_check.sh [LOG_DIR]      # python3 with torch, transformers, safetensors, tokenizers, pytest
 set -euo pipefail
@@ -10,7 +11,7 @@ cd "$(dirname "$0")/.."
 logs=${1:-.}
 mkdir -p "$logs"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-python3 -m pytest -q -m gpu tests/test_static_decode.py tests/test_checkpoint.py 2>&1 | tee "$logs/gpu_tests.log"
+python3 -m pytest -q -m gpu tests/test_static_decode.py tests/test_checkpoint_fp8.py 2>&1 | tee "$logs/gpu_tests.log"
 python3 bench/decode.py --device cuda --dtype bfloat16 --preset v2-lite-shaped --batches 1,32 \
     --prompt-len 32 --new-tokens 64 --cuda-graphs --compile 2>&1 | tee "$logs/decode_cuda.log"
 # Scale-out training on the GPUs present (NCCL, bf16 parameters / fp32 reduction): tokens/s and weight-sync time
@@ -25,4 +26,13 @@ if [ "$gpus" -ge 2 ]; then
 else
     python3 bench/scaling.py --device cuda --preset small --seq-len 512 --batch-size 8 --nprocs 1 \
         2>&1 | tee "$logs/scaling_cuda.log"
+fi
+if [ "$gpus" -ge 2 ]; then
+    python3 bench/decode.py --device cuda --dtype bfloat16 --preset v2-lite-shaped --batches 1,32 \
+        --prompt-len 32 --new-tokens 64 --tensor-parallel-size 2 2>&1 | tee "$logs/decode_cuda_tp2.log"
+    python3 bench/decode.py --device cuda --dtype bfloat16 --preset v2-lite-shaped --batches 1,32 \
+        --prompt-len 32 --new-tokens 64 --tensor-parallel-size 2 --enable-expert-parallel 2>&1 \
+        | tee "$logs/decode_cuda_tp2_ep.log"
+else
+    echo "tensor-parallel GPU check skipped: $gpus GPU(s), needs 2" | tee "$logs/decode_cuda_tp2.log"
 fi

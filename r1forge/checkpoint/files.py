@@ -121,6 +121,16 @@ def read_tensor(handle: Any, key: str, file: Path) -> torch.Tensor:
         raise CheckpointError(f"cannot read tensor '{key}' from {file}: {e}") from e
 
 
+def read_tensor_slice(handle: Any, key: str, file: Path, dim: int, start: int, stop: int) -> torch.Tensor:
+    """Rows (dim 0) or columns (dim 1) start:stop of one tensor, reading only those bytes (`get_slice`)."""
+    try:
+        sliced = handle.get_slice(key)
+        index = (slice(start, stop),) if dim == 0 else (slice(None),) * dim + (slice(start, stop),)
+        return sliced[index]
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"cannot read tensor '{key}' [{start}:{stop} along dim {dim}] from {file}: {e}") from e
+
+
 def scan_headers(files: list[Path], weight_map: dict[str, str] | None) -> dict[str, TensorInfo]:
     """Key -> (file, shape, dtype) for every tensor of every file, from the headers alone (no tensor data read).
 

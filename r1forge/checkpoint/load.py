@@ -13,6 +13,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from r1forge.checkpoint.files import (
     TensorInfo,
     open_safetensors,
     read_tensor,
+    read_tensor_slice,
     resolve_weight_files,
     scan_headers,
 )
@@ -62,6 +64,7 @@ class LoadReport:
     dequantized: int = 0
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    not_owned: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         parts = [f"loaded {len(self.loaded)} tensors from {len(self.files)} file(s) in {self.path}"]
@@ -71,6 +74,8 @@ class LoadReport:
             parts.append(f"skipped {len(self.skipped)} tensors of MTP layers not built")
         if self.duplicates:
             parts.append(f"{len(self.duplicates)} MTP copies of embedding/head checked")
+        if self.not_owned:
+            parts.append(f"{len(self.not_owned)} tensors held by other ranks not read")
         if self.missing:
             parts.append(f"{len(self.missing)} missing")
         if self.unexpected:
@@ -87,6 +92,15 @@ class _Item:
     target: str
     scale_key: str | None = None
     scale_info: TensorInfo | None = None
+    shard: Any = None  # a TensorShard (dim, index, count) when only a slice is read
+
+
+class Layout(Protocol):
+    """What one rank of a sharded model holds (r1forge.parallel.tensor_parallel.ShardLayout)."""
+
+    def shard_of(self, name: str) -> Any: ...
+
+    def owns(self, name: str) -> bool: ...
 
 
 def _listing(names: list[str], sep: str = ", ") -> str:
@@ -105,7 +119,8 @@ def _block_size(config: object) -> Block:
 class _Planner:
     """Routes every checkpoint key; collects what to load and every problem, from the headers alone."""
 
-    def __init__(self, model: nn.Module, infos: dict[str, TensorInfo], block: Block) -> None:
+    def __init__(self, model: nn.Module, infos: dict[str, TensorInfo], block: Block,
+                 layout: Layout | None = None) -> None:
         config = model.config
         self.num_layers = int(config.num_hidden_layers)
         self.declared_mtp = int(getattr(config, "num_nextn_predict_layers", 0) or 0)
@@ -113,7 +128,8 @@ class _Planner:
         # each of their names as the same object.
         self.targets: dict[str, torch.Tensor] = model.state_dict(keep_vars=True)
         self.built_mtp = len({d for name in self.targets if (d := mtp_depth_of(name)) is not None})
-        self.infos, self.block = infos, block
+        self.infos, self.block, self.layout = infos, block, layout
+        self.not_owned: list[str] = []
         self.items: list[_Item] = []
         self.skipped: list[str] = []
         self.duplicates: list[str] = []
@@ -133,6 +149,8 @@ class _Planner:
                 self.skipped += [key] + ([scale_key] if scale_key else [])
             elif route.kind == "duplicate":
                 self._check_duplicate(key, info, route.name)
+            elif route.name not in self.targets and self.layout is not None and not self.layout.owns(route.name):
+                self.not_owned += [key] + ([scale_key] if scale_key else [])
             elif route.name not in self.targets:
                 self.unexpected.append(f"'{key}' in {info.file.name}")
                 layer = layer_of(key)
@@ -156,8 +174,16 @@ class _Planner:
     def _add(self, key: str, info: TensorInfo, target: str, scale_key: str | None) -> None:
         dest = self.targets[target]
         where = f"'{key}' in {info.file}" + (f" (model tensor '{target}')" if target != key else "")
-        if info.shape != tuple(dest.shape):
-            self.errors.append(f"shape mismatch for {where}: checkpoint {info.shape} vs model {tuple(dest.shape)}")
+        shard = self.layout.shard_of(target) if self.layout is not None else None
+        try:
+            expected = shard.shape_of(info.shape) if shard is not None else info.shape
+        except ValueError as e:
+            self.errors.append(f"{where} of shape {info.shape} cannot be sharded along dim {shard.dim}: {e}")
+            return
+        if expected != tuple(dest.shape):
+            part = f" (its part {shard.index + 1} of {shard.count} along dim {shard.dim})" if shard else ""
+            self.errors.append(f"shape mismatch for {where}: checkpoint {info.shape}{part} vs model "
+                               f"{tuple(dest.shape)}")
             return
         scale_info = self.infos[scale_key] if scale_key else None
         if scale_info is not None:
@@ -178,7 +204,7 @@ class _Planner:
             self.errors.append(f"{where} is stored as {info.dtype} without a '{scale_key_of(key)}' scale; "
                                f"cannot dequantise it into {dest.dtype}")
             return
-        self.items.append(_Item(key, info, target, scale_key, scale_info))
+        self.items.append(_Item(key, info, target, scale_key, scale_info, shard))
 
     def missing(self) -> list[str]:
         """Model names none of whose aliases (tied weights share one tensor) receive a value."""
@@ -196,7 +222,7 @@ def _verify_weights(path: Path, verify: str | None) -> None:
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True,
-                    verify: str | None = None) -> LoadReport:
+                    verify: str | None = None, layout: Layout | None = None) -> LoadReport:
     """Fill every parameter and persistent buffer of `model` from a safetensors checkpoint.
 
     Args:
@@ -210,6 +236,8 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True,
         verify: check the weight files against the directory's `checksums.json` first: "size" (the default,
             free), "full" (SHA-256 of every file) or "none"; None reads $R1FORGE_VERIFY_CHECKPOINT. A
             directory without a manifest (a Hugging Face download) is not verified.
+        layout: for one rank of a sharded model: the slice of each tensor it holds (only those bytes are read;
+            FP8 ones dequantised by whole blocks, then cut) and the tensors it does not hold (not read).
     Returns:
         A LoadReport (also logged at INFO).
     Raises:
@@ -228,7 +256,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True,
             raise CheckpointError(f"{e}\n{damaged}") from None
         raise
     _verify_weights(Path(path), verify)
-    planner = _Planner(model, infos, _block_size(model.config))
+    planner = _Planner(model, infos, _block_size(model.config), layout)
     on_meta = [name for name, t in planner.targets.items() if t.is_meta]
     if on_meta:
         raise CheckpointError(f"model tensors are on the meta device ({_listing(on_meta)}): "
@@ -245,7 +273,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True,
         raise CheckpointError(f"{len(missing)} model tensor(s) missing from {path}: {_listing(missing)}. "
                               "Pass strict=False to load the rest.")
     report = LoadReport(str(path), [str(f) for f in files], skipped=planner.skipped, duplicates=planner.duplicates,
-                        missing=missing, unexpected=planner.unexpected)
+                        missing=missing, unexpected=planner.unexpected, not_owned=planner.not_owned)
     _copy_tensors(planner, files, report)
     logger.info("%s", report)
     return report
@@ -273,14 +301,33 @@ def _copy_tensors(planner: _Planner, files: list[Path], report: LoadReport) -> N
         with open_safetensors(file) as f:
             for item in by_file[file]:
                 dest = planner.targets[item.target]
-                tensor = read_tensor(f, item.key, file)
                 if item.scale_key is not None:
                     scale = foreign_scales.pop(item.scale_key, None)
                     if scale is None:
                         scale = read_tensor(f, item.scale_key, file)
-                    tensor = dequantize_fp8_blockwise(tensor.to(dest.device), scale.to(dest.device), dest.dtype,
-                                                      planner.block)
+                    tensor = _read_fp8(f, item, file, scale, dest, planner.block)
                     report.dequantized += 1
+                elif item.shard is not None:
+                    start, stop = item.shard.bounds(item.info.shape[item.shard.dim])
+                    tensor = read_tensor_slice(f, item.key, file, item.shard.dim, start, stop)
+                else:
+                    tensor = read_tensor(f, item.key, file)
                 dest.copy_(tensor)
                 report.loaded.append(item.target)
                 del tensor
+
+
+def _read_fp8(f: Any, item: _Item, file: Path, scale: torch.Tensor, dest: torch.Tensor, block: Block) -> torch.Tensor:
+    """Dequantise an FP8 weight (or, sharded, the whole blocks covering its slice, then cut the slice)."""
+    if item.shard is None:
+        weight = read_tensor(f, item.key, file)
+        return dequantize_fp8_blockwise(weight.to(dest.device), scale.to(dest.device), dest.dtype, block)
+    dim = item.shard.dim
+    start, stop = item.shard.bounds(item.info.shape[dim])
+    b = block_dims(block)[dim]
+    first_block, end_block = start // b, -(-stop // b)
+    lo, hi = first_block * b, min(end_block * b, item.info.shape[dim])
+    weight = read_tensor_slice(f, item.key, file, dim, lo, hi)
+    scale = scale.narrow(dim, first_block, end_block - first_block)
+    full = dequantize_fp8_blockwise(weight.to(dest.device), scale.to(dest.device), dest.dtype, block)
+    return full.narrow(dim, start - lo, stop - start)

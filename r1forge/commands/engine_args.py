@@ -12,6 +12,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture decode steps as CUDA graphs (CUDA only; padded batch and context buckets)")
     p.add_argument("--compile", action="store_true", help="run decode steps through torch.compile")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="shard the model over N processes (GPUs cuda:0..N-1, or CPU with gloo); the engine starts "
+                        "the workers itself")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="with --tensor-parallel-size: split the routed experts over the ranks")
     p.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
                    help='speculative decoding with the model\'s MTP module, e.g. '
                         '\'{"method": "mtp", "num_speculative_tokens": 2}\' (vLLM\'s spelling)')
@@ -30,4 +35,5 @@ def _json_object(text: str) -> dict[str, Any]:
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The `LLM` keyword arguments that `add_engine_arguments` parsed."""
     return dict(device=args.device, cuda_graphs=args.cuda_graphs, compile=args.compile,
-                speculative_config=args.speculative_config)
+                speculative_config=args.speculative_config, tensor_parallel_size=args.tensor_parallel_size,
+                enable_expert_parallel=args.enable_expert_parallel)

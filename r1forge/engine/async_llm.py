@@ -95,6 +95,7 @@ class AsyncLLM:
                 if not self.engine.has_unfinished():
                     if self._stopping:
                         break
+                    self.engine.check_health()  # a dead tensor-parallel worker ends the loop while idle too
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
@@ -110,6 +111,7 @@ class AsyncLLM:
                 self._closed = True
             self._refuse_commands()
             self._stats = self.engine.stats()
+            self.engine.runner.shutdown()  # end tensor-parallel workers (a no-op on one device)
 
     def _drain_commands(self) -> int:
         """Run the queued commands; returns how many there were."""

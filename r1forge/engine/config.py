@@ -70,6 +70,12 @@ class EngineConfig:
         compile: run fixed-shape decode steps through `torch.compile` (CPU and GPU).
         speculative_config: draft with the model's own MTP module and verify losslessly (vLLM's spelling:
             {"method": "mtp", "num_speculative_tokens": k}); a dict or a `SpeculativeConfig`. None: off.
+        tensor_parallel_size: processes the model is sharded over (attention heads, MLP and expert widths);
+            the engine starts the N - 1 workers itself (`r1forge.engine.executor`). 1: single device.
+        enable_expert_parallel: with tensor_parallel_size > 1, split the routed experts over the ranks (the
+            all-to-all dispatcher) instead of sharding every expert's width.
+        worker_timeout_s: how long rank 0 waits for a worker (start-up, a collective of one step) before the
+            engine reports it failed; also the process group's timeout.
     """
 
     max_num_seqs: int = 256
@@ -84,6 +90,9 @@ class EngineConfig:
     cuda_graphs: bool = False
     compile: bool = False
     speculative_config: SpeculativeConfig | None = None
+    tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    worker_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if isinstance(self.speculative_config, dict):
@@ -91,11 +100,41 @@ class EngineConfig:
         elif self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
             raise ValueError(f"speculative_config must be a dict or SpeculativeConfig, got "
                              f"{type(self.speculative_config).__name__}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
             _check_positive_int(name, getattr(self, name))
         for name in ("max_model_len", "kv_cache_memory", "num_blocks"):
             if getattr(self, name) is not None:
                 _check_positive_int(name, getattr(self, name))
+        if not self.worker_timeout_s > 0:
+            raise ValueError(f"worker_timeout_s must be positive, got {self.worker_timeout_s!r}")
+        if self.tensor_parallel_size > 1 and self.speculative_config is not None:
+            raise ValueError("tensor_parallel_size > 1 with speculative_config is not supported: the MTP drafter "
+                             "runs single-device only")
+        if self.tensor_parallel_size > 1 and self.uses_static_decode:
+            raise ValueError("tensor_parallel_size > 1 runs eager steps: static_decode, cuda_graphs and compile "
+                             "are single-device only")
+
+    def check_model(self, model_config: Any) -> None:
+        """The model's shapes must split over `tensor_parallel_size` ranks; a ValueError names the field."""
+        tp = self.tensor_parallel_size
+        if tp == 1:
+            return
+        if getattr(model_config, "model_type", None) not in ("deepseek_v3", "deepseek_v2"):
+            raise ValueError(f"tensor_parallel_size={tp} shards DeepSeek (MLA) models only, got model_type "
+                             f"{getattr(model_config, 'model_type', None)!r}")
+        widths = {"num_attention_heads": model_config.num_attention_heads}
+        if any(not model_config.is_moe_layer(i) for i in range(model_config.num_hidden_layers)):
+            widths["intermediate_size"] = model_config.intermediate_size
+        if model_config.n_routed_experts:
+            widths["n_shared_experts * moe_intermediate_size"] = \
+                (model_config.n_shared_experts or 0) * model_config.moe_intermediate_size
+            if self.enable_expert_parallel:
+                widths["n_routed_experts"] = model_config.n_routed_experts
+            else:
+                widths["moe_intermediate_size"] = model_config.moe_intermediate_size
+        for name, value in widths.items():
+            if value % tp:
+                raise ValueError(f"tensor_parallel_size={tp} does not divide the model's {name} ({value})")
 
     def with_options(self, **options: Any) -> EngineConfig:
         """This config with some fields changed; an unknown name is a TypeError naming it and the known ones."""

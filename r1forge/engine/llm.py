@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence as SequenceABC
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,10 @@ import torch
 
 from r1forge.engine.config import EngineConfig
 from r1forge.engine.llm_engine import LLMEngine
+from r1forge.engine.model_runner import ModelRunner
 from r1forge.engine.outputs import RequestOutput, StreamDelta
 from r1forge.engine.sampling_params import SamplingParams
-from r1forge.model import CausalLM
+from r1forge.model import CausalLM, DeepseekForCausalLM
 
 def _load_tokenizer(directory: Path) -> Any | None:
     if not (directory / "tokenizer.json").exists():
@@ -31,20 +33,32 @@ class LLM:
         tokenizer: r1forge `Tokenizer` (or anything with encode/decode/eos_token_id); loaded from the
             directory when it holds a tokenizer.json.
         config: the engine's options as one `EngineConfig`; or give them as keyword arguments
-            (`max_num_seqs=`, `block_size=`, `kv_cache_memory=`, `cuda_graphs=`, ...: the field names), which
-            override the config's. `speculative_config={"method": "mtp", "num_speculative_tokens": k}` drafts
-            with the checkpoint's MTP module (loaded with it) and verifies losslessly.
+            (`max_num_seqs=`, `block_size=`, `kv_cache_memory=`, `cuda_graphs=`, `tensor_parallel_size=`,
+            `enable_expert_parallel=`, ...: the field names), which override the config's.
+            `speculative_config={"method": "mtp", "num_speculative_tokens": k}` drafts with the checkpoint's MTP
+            module (loaded with it) and verifies losslessly. With tensor_parallel_size=N the engine starts N - 1
+            worker processes (`r1forge.engine.executor`); each rank reads its shard from the checkpoint (an
+            in-memory model is first saved to a temporary directory). Call `shutdown()` (or let the LLM be
+            collected) to end them. Under torchrun (WORLD_SIZE = N) no process is started: rank 0's `LLM` returns
+            as usual and the other ranks' `LLM(...)` call serves rank 0's steps until it shuts down, then exits
+            the process.
         dtype, device: where and how a checkpoint directory is loaded (default: bf16 on CUDA, fp32 on CPU).
     """
+
+    _directory: Path | None = None
 
     def __init__(self, model: str | os.PathLike | CausalLM, tokenizer: Any | None = None,
                  config: EngineConfig | None = None, *, dtype: torch.dtype | None = None,
                  device: str | torch.device | None = None, **engine_options: Any) -> None:
         config = (config or EngineConfig()).with_options(**engine_options)
-        if isinstance(model, (str, os.PathLike)):
+        runner_factory: Any = ModelRunner
+        self._tmp_checkpoint = None
+        if config.tensor_parallel_size > 1:
+            model, runner_factory = self._tensor_parallel(model, config, dtype, device)
+        elif isinstance(model, (str, os.PathLike)):
             from r1forge.loading import load_model
 
-            directory = Path(model)
+            directory = self._directory = Path(model)
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
             with_mtp = config.speculative_config is not None
@@ -55,17 +69,75 @@ class LLM:
                     raise ValueError(f"speculative_config method 'mtp' needs an MTP module, but the checkpoint "
                                      f"{directory} has none (num_nextn_predict_layers is 0 in its config.json)")
             model = load_model(directory, dtype=dtype, device=device, with_mtp=with_mtp)
-            if tokenizer is None:
-                tokenizer = _load_tokenizer(directory)
         if not isinstance(model, CausalLM):
             raise TypeError(f"model must be a checkpoint directory or an r1forge CausalLM (DeepseekForCausalLM, "
                             f"DenseForCausalLM), got {type(model).__name__}")
+        if tokenizer is None and self._directory is not None:
+            tokenizer = _load_tokenizer(self._directory)
         model.eval()
         self.model = model
         self.tokenizer = tokenizer
-        self.engine = LLMEngine(model, tokenizer, config)
+        self.engine = LLMEngine(model, tokenizer, config, runner_factory)
         self.config = self.engine.config
         self.cache_bytes_per_token = self.engine.runner.cache_bytes_per_token
+
+    def _tensor_parallel(self, model: str | os.PathLike | DeepseekForCausalLM, config: EngineConfig,
+                         dtype: torch.dtype | None, device: str | torch.device | None) -> tuple[Any, Any]:
+        """Rank 0's shard and the runner factory that starts the workers."""
+        from functools import partial
+
+        from r1forge.auto_config import load_config
+        from r1forge.engine.executor import TensorParallelRunner, checkpoint_dir_of
+        from r1forge.engine.rank_shard import load_shard
+        from r1forge.engine.torchrun import launched_by_torchrun, serve_torchrun_rank
+
+        if isinstance(model, DeepseekForCausalLM):
+            dtype = dtype or model.model.embed_tokens.weight.dtype
+            device = device or next(model.parameters()).device
+            self._tmp_checkpoint = checkpoint_dir_of(model)
+            directory = Path(self._tmp_checkpoint.name)
+        elif isinstance(model, (str, os.PathLike)):
+            directory = self._directory = Path(model)
+            if not directory.is_dir():
+                raise FileNotFoundError(f"model directory not found: {directory}")
+        else:
+            raise TypeError(f"model must be a checkpoint directory or DeepseekForCausalLM, got {type(model).__name__}")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda":
+            device = torch.device("cuda", 0)  # rank r uses cuda:r
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        config.check_model(load_config(directory))
+        rank = 0
+        if launched_by_torchrun():  # every rank runs this script; ranks > 0 serve rank 0 and end here
+            rank = int(os.environ["RANK"])
+            if device.type == "cuda":
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+            if rank != 0:
+                serve_torchrun_rank(directory, config, dtype)
+                raise SystemExit(0)
+        shard, layout = load_shard(directory, rank, config, dtype, device)
+        return shard, partial(TensorParallelRunner, directory=directory, dtype=dtype, layout=layout)
+
+    def update_weights(self, model: CausalLM) -> float:
+        """Take `model`'s current weights (a single-device model of the same config, e.g. the policy an RL
+        trainer just updated) and drop the stale prefix cache; returns the seconds the hand-over took. On one
+        device an engine built over `model` itself shares its weights and only the cache is reset."""
+        if self.engine.has_unfinished():
+            raise RuntimeError("update_weights with requests in flight would mix old and new weights")
+        start = time.perf_counter()
+        if hasattr(self.engine.runner, "update_weights"):
+            self.engine.runner.update_weights(model)
+        elif model is not self.model:
+            self.model.load_state_dict(model.state_dict())
+        self.engine.block_manager.reset_prefix_cache()
+        return time.perf_counter() - start
+
+    def shutdown(self) -> None:
+        """End the worker processes of a tensor-parallel engine (a no-op on one device)."""
+        self.engine.runner.shutdown()
+        if self._tmp_checkpoint is not None:
+            self._tmp_checkpoint.cleanup()
+            self._tmp_checkpoint = None
 
     # ------------------------------------------------------------------ offline generation
     def generate(self, prompts: str | list[int] | SequenceABC[str | list[int]],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +56,8 @@ class LLMEngine:
             resolved copy, `self.config`, is what the scheduler, runner and static decoder read.
     """
 
-    def __init__(self, model: CausalLM, tokenizer: Any | None, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: CausalLM, tokenizer: Any | None, config: EngineConfig | None = None,
+                 runner_factory: Callable[[CausalLM, EngineConfig], ModelRunner] = ModelRunner) -> None:
         self.model = model
         self.tokenizer = tokenizer
         device = next(model.parameters()).device
@@ -70,7 +72,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.config.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.config)
+        self.runner = runner_factory(model, self.config)  # a multi-process one for tensor_parallel_size > 1
         self.spec = None if self.config.speculative_config is None else \
             SpeculativeDecoder(model, self.config, self.runner, self.block_manager)
         self.requests: dict[str, Request] = {}
@@ -143,6 +145,10 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    def check_health(self) -> None:
+        """Raise the error that stopped the engine's workers, if any (called while idle, e.g. by AsyncLLM)."""
+        self.runner.check_health()
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[StreamDelta]:

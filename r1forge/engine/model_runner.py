@@ -7,6 +7,8 @@ block-major) or GQA's keys and values [2, num_key_value_heads, head_dim]. Nothin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from r1forge.engine.config import EngineConfig
@@ -20,6 +22,18 @@ def cache_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
     """The model's cached numbers per token (all layers) * element size: for MLA (C + R) * L, for GQA
     2 * H_kv * D_h * L."""
     return model.cache_spec().bytes_per_token(dtype)
+
+
+@dataclass
+class StepInput:
+    """One forward's inputs as plain lists: what a tensor-parallel rank 0 sends its workers each step."""
+
+    copies: list[tuple[int, int]]  # copy-on-write (src block, dst block) pairs, applied before the forward
+    input_ids: list[int]
+    positions: list[int]
+    block_tables: list[list[int]]
+    context_lens: list[int]
+    num_tokens: list[int]
 
 
 class ModelRunner:
@@ -58,10 +72,6 @@ class ModelRunner:
         logits [len, vocab] in float32. `keep_hidden` keeps every token's final hidden state in `last_hidden`
         (what speculative decoding verifies and drafts from); such a step runs eagerly.
         """
-        if batch.copies:  # copy-on-write of partial last blocks, all of this step's at once per layer
-            src, dst = (torch.tensor(x, device=self.device) for x in zip(*batch.copies))
-            for cache in self.kv_caches:
-                cache[dst] = cache[src]
         input_ids, positions, context_lens = [], [], []
         for seq, n in zip(batch.seqs, batch.num_tokens):
             start = seq.num_computed_tokens
@@ -73,18 +83,15 @@ class ModelRunner:
                 self.num_prefill_tokens += n
         self.num_forward_tokens += len(input_ids)
         self.last_hidden = None
+        step = StepInput(list(batch.copies), input_ids, positions, [list(s.block_table) for s in batch.seqs],
+                         context_lens, list(batch.num_tokens))
         if not keep_hidden and self._is_static_decode(batch):
+            self.copy_blocks(step.copies)
             logits = self.static.run(input_ids, positions, [s.block_table for s in batch.seqs])
             for seq in batch.seqs:
                 seq.num_computed_tokens += 1
             return list(batch.seqs), logits
-        metadata = AttentionMetadata.build(
-            self.kv_caches, [s.block_table for s in batch.seqs], context_lens, batch.num_tokens,
-            self.block_size, self.device, absorbed=self.absorbed,
-        )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model.model(ids, pos, metadata)  # [N, D]
+        hidden = self.run_model(step)  # [N, D]
         if keep_hidden:
             self.last_hidden = hidden
         # Only sequences whose every token is now computed produce a next token.
@@ -100,6 +107,32 @@ class ModelRunner:
             return [], None
         logits = self.model.lm_head(hidden[torch.tensor(last_rows, device=self.device)])
         return sampling, logits.float()
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write of partial last blocks, all of this step's at once per layer."""
+        if copies:
+            src, dst = (torch.tensor(x, device=self.device) for x in zip(*copies))
+            for cache in self.kv_caches:
+                cache[dst] = cache[src]
+
+    @torch.inference_mode()
+    def run_model(self, step: StepInput) -> torch.Tensor:
+        """The cache copies and the forward of one step -> final hidden states [N, D] (what every
+        tensor-parallel rank runs on its shard; `r1forge.engine.executor` sends the step to the workers)."""
+        self.copy_blocks(step.copies)
+        metadata = AttentionMetadata.build(
+            self.kv_caches, step.block_tables, step.context_lens, step.num_tokens,
+            self.block_size, self.device, absorbed=self.absorbed,
+        )
+        ids = torch.tensor(step.input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(step.positions, dtype=torch.long, device=self.device)
+        return self.model.model(ids, pos, metadata)
+
+    def check_health(self) -> None:
+        """Raise if the runner can no longer step (a multi-process runner whose worker died); no-op here."""
+
+    def shutdown(self) -> None:
+        """Release what the runner started (worker processes); no-op for a single device."""
 
     def _is_static_decode(self, batch: ScheduledBatch) -> bool:
         """One new token per sequence, each completing its sequence, within the static buckets."""

@@ -113,6 +113,12 @@ class DeepseekForCausalLM(CausalLM):
         FSDP's root hooks, see the call); trainers that need hidden states for MTP call this."""
         return self.model(input_ids, positions, metadata)
 
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      metadata: AttentionMetadata | None = None) -> torch.Tensor:
+        """The final normed hidden states [B, T, D], through this module (so wrappers of `forward`, such as
+        FSDP's root hooks, see the call); trainers that need hidden states for MTP call this."""
+        return self.model(input_ids, positions, metadata)
+
     def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor,
                    positions: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Training-time MTP: logits of depth k (1-based) at position i predict token i + k + 1.

@@ -9,7 +9,11 @@
 - expert_parallel.py: `LocalExperts` and the all-to-all `AllToAllDispatch` behind the model's dispatch seam;
 - parallelize.py: EP + FSDP2 (`fully_shard` per block and at the root, bf16/fp32 mixed precision on CUDA);
 - grad.py: the global gradient norm and clipping over sharded gradients;
-- checkpoint.py: sharded DCP checkpoints (atomic, exact resume, resharding) and their export to HF safetensors.
+- checkpoint.py: sharded DCP checkpoints (atomic, exact resume, resharding) and their export to HF safetensors;
+- tensor_parallel.py: inference tensor parallelism (heads, MLP widths; experts by width or by rank through the
+  all-to-all dispatcher) applied to a built or meta model, and the `ShardLayout` each rank loads with;
+- sharded_load.py: one rank's shard read straight from the safetensors files (`get_slice`, FP8 included).
+The engine's multi-process executor over these is r1forge/engine/executor.py.
 """
 
 from r1forge.parallel.config import ParallelConfig

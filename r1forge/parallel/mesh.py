@@ -112,14 +112,17 @@ def _device(backend: str) -> torch.device:
     return torch.device("cpu")
 
 
-def init_parallel(config: ParallelConfig | None = None, prefix: str = "parallel") -> ParallelMesh:
+def init_parallel(config: ParallelConfig | None = None, prefix: str = "parallel",
+                  world_size: int | None = None) -> ParallelMesh:
     """Join the run's process group (torchrun's environment) and build the [dp_shard, ep] mesh.
 
     Without torchrun (no WORLD_SIZE, or 1) this is a 1-process mesh and nothing is initialised. Errors name the
     config key when the degrees do not fit the world size. NCCL on CUDA, gloo on CPU, unless `config.backend`.
+    `world_size` overrides WORLD_SIZE for a caller that initialised the process group itself (the inference
+    engine's own workers).
     """
     config = config or ParallelConfig()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     dp_shard, ep = config.resolve(world_size, prefix)
     backend = config.backend
     if backend == "auto":

@@ -126,7 +126,7 @@ class GRPOTrainer:
 
         state = load_training_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
         self.load_extra_state(state["step"], state["extra"])
-        self.llm.reset_prefix_cache()
+        self.llm.update_weights(self.model)
 
     def _frozen_copy(self) -> torch.nn.Module:
         ref = copy.deepcopy(self.model).eval()
@@ -204,7 +204,9 @@ class GRPOTrainer:
         self.guard.check(*(v for _, v in passes), step=self.step_count + 1,
                          reason=", ".join(f"{k}={v}" for k, v in passes if not math.isfinite(v)))
         self.model.eval()
-        self.llm.reset_prefix_cache()
+        # The rollout engine takes the new weights: shared on one device (only the prefix cache is dropped),
+        # broadcast to every rank's shard by a tensor-parallel engine (`LLM(..., tensor_parallel_size=N)`).
+        weight_sync_s = self.llm.update_weights(self.model)
         self.step_count += 1
         if self.ref_model is not None and cfg.ref_model_sync_steps and self.step_count % cfg.ref_model_sync_steps == 0:
             self.ref_model.load_state_dict(self.model.state_dict())
@@ -219,6 +221,7 @@ class GRPOTrainer:
             truncated_fraction=batch.truncated.float().mean().item(),
             rollout_tokens_per_s=tokens / max(rollout_time, 1e-9), train_tokens_per_s=tokens * cfg.num_iterations
             / max(train_time, 1e-9), lr=self.scheduler.get_last_lr()[0], max_completion_length=float(max_len),
+            weight_sync_s=weight_sync_s,
         )
         for name, values in batch.reward_components.items():
             metrics[f"reward/{name}"] = values.mean().item()
