@@ -7,30 +7,16 @@ fields calls `ModelConfig` directly and gets an error naming `model_type` for a 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Union
 
 from r1forge.config import DEEPSEEK_MODEL_TYPES, ModelConfig
+from r1forge.config_file import read_config_json
 from r1forge.dense_config import DENSE_MODEL_TYPES, DenseConfig
 
 AnyConfig = Union[ModelConfig, DenseConfig]
 MODEL_TYPES = DEEPSEEK_MODEL_TYPES + DENSE_MODEL_TYPES
-
-
-def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
-    """A config.json as a dict; a missing file or bad JSON is an error naming the file."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return raw
 
 
 def config_from_dict(raw: dict[str, Any]) -> AnyConfig:

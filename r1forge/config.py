@@ -8,12 +8,11 @@ config we write loads in transformers (`DeepseekV3Config`). Both rope forms are 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from r1forge.config_file import ConfigFile
 
 if TYPE_CHECKING:
     from r1forge.model.cache_spec import CacheSpec
@@ -41,7 +40,7 @@ def _finite(value: Any) -> bool:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(ConfigFile):
     """DeepSeek-V3 style configuration (docs/design.md section 2). Defaults are DeepSeek-V3's."""
 
     model_type: str = "deepseek_v3"  # "deepseek_v3" or "deepseek_v2"; decides the transformers class we write for
@@ -276,19 +275,6 @@ class ModelConfig:
         out.pop("rope_scaling")
         out.pop("rope_theta")
         return out
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
-        from r1forge.auto_config import read_config_json
-
-        return cls.from_dict(read_config_json(path))
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "ModelConfig":
-        return cls.from_json(Path(directory) / "config.json")
-
-    def save_json(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":

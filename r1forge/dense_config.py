@@ -13,11 +13,10 @@ only the keys it means; `r1forge.auto_config` picks the class from `model_type`.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from r1forge.config_file import ConfigFile
 
 if TYPE_CHECKING:
     from r1forge.model.cache_spec import CacheSpec
@@ -28,7 +27,7 @@ _ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
 @dataclass
-class DenseConfig:
+class DenseConfig(ConfigFile):
     """A Qwen2 or Llama decoder. Defaults are R1-Distill-Qwen-1.5B's (Qwen2.5-Math-1.5B)."""
 
     model_type: str = "qwen2"  # "qwen2" (q/k/v bias) or "llama" (bias from attention_bias)
@@ -185,19 +184,6 @@ class DenseConfig:
         if out["torch_dtype"] is None:
             out.pop("torch_dtype")
         return out
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "DenseConfig":
-        from r1forge.auto_config import read_config_json
-
-        return cls.from_dict(read_config_json(path))
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "DenseConfig":
-        return cls.from_json(Path(directory) / "config.json")
-
-    def save_json(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def replace(self, **changes: Any) -> "DenseConfig":
         return DenseConfig.from_dict({**self.to_dict(), **changes})

@@ -121,3 +121,29 @@ def save_tiny_policy(out: Path, seed: int = 0) -> Path:
                                      num_nextn_predict_layers=0)
     build_model(config).save_pretrained(out)
     return out
+
+
+def assert_step_logits_equal_full_forward(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch,
+                                          prompts: list[list[int]], **llm_options: Any) -> None:
+    """Every logits row the engine samples from (chunked prefill, paged cache, batched decode) equals the full
+    forward of that sequence's tokens so far (relative error < 1e-4), over 12 greedy steps of `prompts`."""
+    from r1forge import LLM, SamplingParams
+    from r1forge.engine import sampler as sampler_module
+
+    recorded: list[tuple[list[list[int]], torch.Tensor]] = []
+    real_sample = sampler_module.sample
+
+    def spy(logits: torch.Tensor, seqs: list[Any]) -> Any:
+        recorded.append(([list(s.token_ids) for s in seqs], logits.clone()))
+        return real_sample(logits, seqs)
+
+    monkeypatch.setattr("r1forge.engine.llm_engine.sample", spy)
+    llm = LLM(model, max_num_seqs=8, max_num_batched_tokens=40, **llm_options)
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    assert len(recorded) >= 12
+    with torch.no_grad():
+        for token_lists, logits in recorded:
+            for row, ids in enumerate(token_lists):
+                ref = model(torch.tensor([ids]))[0, -1]
+                rel = (logits[row] - ref).norm() / ref.norm()
+                assert rel < 1e-4, f"step with context {len(ids)}: relative error {rel:.2e}"

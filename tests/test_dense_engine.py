@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import assert_step_logits_equal_full_forward
 from dense_helpers import build_hf_dense
 from r1forge import LLM, SamplingParams
 from r1forge.auto_config import config_from_dict
 from r1forge.engine import EngineConfig
-from r1forge.engine import sampler as sampler_module
 from r1forge.engine.static_decode import StaticDecoder
 from r1forge.model import DenseForCausalLM
 
@@ -54,22 +54,7 @@ def test_greedy_equals_transformers_generate(tmp_path, family: str) -> None:
 
 
 def test_decode_logits_equal_full_forward_every_step(model, monkeypatch) -> None:
-    recorded: list[tuple[list[list[int]], torch.Tensor]] = []
-    real_sample = sampler_module.sample
-
-    def spy(logits, seqs):
-        recorded.append(([list(s.token_ids) for s in seqs], logits.clone()))
-        return real_sample(logits, seqs)
-
-    monkeypatch.setattr("r1forge.engine.llm_engine.sample", spy)
-    llm = LLM(model, max_num_seqs=8, block_size=BLOCK, max_num_batched_tokens=40)
-    llm.generate(_prompts([5, 30, 50]), SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
-    assert len(recorded) >= 12
-    with torch.no_grad():
-        for token_lists, logits in recorded:
-            for row, ids in enumerate(token_lists):
-                ref = model(torch.tensor([ids]))[0, -1]
-                assert (logits[row] - ref).norm() / ref.norm() < 1e-4
+    assert_step_logits_equal_full_forward(model, monkeypatch, _prompts([5, 30, 50]), block_size=BLOCK)
 
 
 def test_cache_bytes_per_token_on_the_pool_tensor(model) -> None:

@@ -10,23 +10,14 @@ import pytest
 import torch
 
 from r1forge.auto_config import config_from_preset
-from r1forge.data import load_tokenizer, make_pretrain_corpus, train_tokenizer
+from r1forge.data import load_tokenizer, train_tokenizer
 from r1forge.engine import LLM
 from r1forge.model import DenseForCausalLM, build_model
 from r1forge.rl.config import GRPOConfig
 from r1forge.rl.trainer import GRPOTrainer
 from r1forge.rl.rollout import completion_logprobs
+from test_grpo_trainer import QUESTIONS, tokenizer_dir  # noqa: F401 (the same questions and tokenizer fixture)
 from test_rejection import _one_thread, copy_examples, copy_messages, tiny_teacher  # noqa: F401 (autouse fixture)
-
-QUESTIONS = [{"question": f"Compute {a} + {b}.", "answer": str(a + b)} for a, b in
-             [(3, 4), (12, 7), (25, 30), (8, 9), (41, 2), (6, 6), (15, 27), (9, 90)]]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tok")
-    train_tokenizer(None, out, vocab_size=320, texts=make_pretrain_corpus(300, 0))
-    return out
 
 
 def _qwen2_policy(tokenizer_dir: Path, seed: int = 0) -> DenseForCausalLM:

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import r1forge
-from conftest import randomise_
+from conftest import assert_step_logits_equal_full_forward, randomise_
 from r1forge import LLM, SamplingParams
 from r1forge.engine import AsyncLLM, EngineConfig, LLMEngine
-from r1forge.engine import sampler as sampler_module
 
 VOCAB = 256
 
@@ -71,23 +70,7 @@ def test_greedy_equals_transformers_generate(tmp_path):
 
 @pytest.mark.parametrize("absorbed", [True, False])
 def test_decode_logits_equal_full_forward_every_step(model, monkeypatch, absorbed):
-    recorded: list[tuple[list[list[int]], torch.Tensor]] = []
-    real_sample = sampler_module.sample
-
-    def spy(logits, seqs):
-        recorded.append(([list(s.token_ids) for s in seqs], logits.clone()))
-        return real_sample(logits, seqs)
-
-    monkeypatch.setattr("r1forge.engine.llm_engine.sample", spy)
-    llm = LLM(model, max_num_seqs=8, block_size=16, absorbed=absorbed, max_num_batched_tokens=40)
-    llm.generate(_prompts([5, 30, 50]), SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
-    assert len(recorded) >= 12
-    with torch.no_grad():
-        for token_lists, logits in recorded:
-            for row, ids in enumerate(token_lists):
-                ref = model(torch.tensor([ids]))[0, -1]
-                rel = (logits[row] - ref).norm() / ref.norm()
-                assert rel < 1e-4, f"step with context {len(ids)}: relative error {rel:.2e}"
+    assert_step_logits_equal_full_forward(model, monkeypatch, _prompts([5, 30, 50]), block_size=16, absorbed=absorbed)
 
 
 def test_cache_bytes_per_token_and_pool_size(model):

@@ -78,8 +78,7 @@ def test_static_decode_equals_default_engine(model):
 def test_static_decode_of_a_dense_model():
     """A dense model (what distillation produces) has no MoE layer: the fixed-shape step runs without one."""
     torch.manual_seed(0)
-    cfg = r1forge.ModelConfig.from_preset("tiny", vocab_size=VOCAB, first_k_dense_replace=2, n_routed_experts=None,
-                                          moe_intermediate_size=None)
+    cfg = r1forge.ModelConfig.from_preset("tiny", vocab_size=VOCAB, first_k_dense_replace=2, n_routed_experts=None)
     dense = r1forge.build_model(cfg).eval()
     assert not dense.moe_layers()
     prompts, params = _prompts([5, 21]), SamplingParams(temperature=0.0, max_tokens=10, logprobs=0, ignore_eos=True)

@@ -100,7 +100,7 @@ def test_sft_feeds_labels_on_assistant_tokens_only(init_dir: Path, tmp_path: Pat
 
 def test_sft_starts_from_the_init_weights(init_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from r1forge.loading import load_model
-    from r1forge.train import runs
+    from r1forge.train import run as runs
 
     cfg = load_run_config(SFTRunConfig, None, ["--model.init_from", str(init_dir), "--model.mtp", "false"])
     model = runs.build_run_model(cfg.model, load_tokenizer(init_dir), torch.device("cpu"))

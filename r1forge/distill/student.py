@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from r1forge.auto_config import config_from_dict, read_config_json
+from r1forge.auto_config import config_from_dict
+from r1forge.config_file import read_config_json
 from r1forge.config import ModelConfig
 from r1forge.dense_config import DenseConfig
 from r1forge.model import CausalLM, build_model

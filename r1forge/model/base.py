@@ -32,6 +32,12 @@ class CausalLM(nn.Module):
                 metadata: AttentionMetadata | None = None) -> torch.Tensor:
         return self.lm_head(self.model(input_ids, positions, metadata))
 
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      metadata: AttentionMetadata | None = None) -> torch.Tensor:
+        """The final normed hidden states [B, T, D], through this module (so wrappers of `forward`, such as
+        FSDP's root hooks, see the call); trainers that need hidden states for MTP call this."""
+        return self.model(input_ids, positions, metadata)
+
     def cache_spec(self) -> CacheSpec:
         """Per-token layout of the paged cache the engine allocates for this model."""
         raise NotImplementedError(f"{type(self).__name__} does not describe its cache")
@@ -70,10 +76,12 @@ class PreNormDecoderLayer(nn.Module):
 
 
 @torch.no_grad()
-def init_normal_(module: nn.Module, std: float) -> None:
-    """Normal(0, std) for every Linear and Embedding weight, zero biases, ones for RMSNorm weights."""
+def init_normal_(module: nn.Module, std: float, also: type[nn.Module] | None = None) -> None:
+    """Normal(0, std) for every Linear and Embedding weight (and, in the same pass, every `also` module's
+    weight: DeepSeek's routers), zero biases, ones for RMSNorm weights. One pass in module order, so the same
+    seed gives the same weights as before the dense family shared this function."""
     for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
+        if isinstance(m, (nn.Linear, nn.Embedding)) or (also is not None and isinstance(m, also)):
             nn.init.normal_(m.weight, 0.0, std)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)

@@ -107,18 +107,6 @@ class DeepseekForCausalLM(CausalLM):
         """MLA caches one latent row per token and layer: c_kv and the shared rope key (C + R numbers)."""
         return self.config.cache_spec()
 
-    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                      metadata: AttentionMetadata | None = None) -> torch.Tensor:
-        """The final normed hidden states [B, T, D], through this module (so wrappers of `forward`, such as
-        FSDP's root hooks, see the call); trainers that need hidden states for MTP call this."""
-        return self.model(input_ids, positions, metadata)
-
-    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                      metadata: AttentionMetadata | None = None) -> torch.Tensor:
-        """The final normed hidden states [B, T, D], through this module (so wrappers of `forward`, such as
-        FSDP's root hooks, see the call); trainers that need hidden states for MTP call this."""
-        return self.model(input_ids, positions, metadata)
-
     def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor,
                    positions: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Training-time MTP: logits of depth k (1-based) at position i predict token i + k + 1.
@@ -148,13 +136,10 @@ class DeepseekForCausalLM(CausalLM):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Normal(0, initializer_range) for every matrix, ones for norms, zeros for the correction bias."""
-        std = self.config.initializer_range
-        init_normal_(self, std)
+        init_normal_(self, self.config.initializer_range, also=Router)
         for m in self.modules():
-            if isinstance(m, Router):
-                nn.init.normal_(m.weight, 0.0, std)
-                if m.e_score_correction_bias is not None:
-                    m.e_score_correction_bias.zero_()
+            if isinstance(m, Router) and m.e_score_correction_bias is not None:
+                m.e_score_correction_bias.zero_()
 
 
 def keep_router_fp32(model: nn.Module) -> None:
