@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from r1forge.config import ModelConfig
 from r1forge.demo import STAGE_FILES, stage_configs
@@ -50,6 +51,7 @@ def test_the_source_means_the_same_everywhere() -> None:
     assert {p.kind for p in sft.problems(200, 1, "test")} <= {"word", "expression"}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("cls, key, override", [
     (PretrainRunConfig, "train.device", ["--train.device", "cuda:7"]),
     (GRPORunConfig, "device", ["--device", "cuda:7"]),
@@ -57,10 +59,6 @@ def test_the_source_means_the_same_everywhere() -> None:
 ])
 def test_the_prologue_names_the_device_key_the_user_wrote(tmp_path: Path, cls: type, key: str,
                                                           override: list[str]) -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("needs a machine without CUDA")
     cfg = load_run_config(cls, None, ["--run_dir", str(tmp_path / "run")] + override)
     device = cfg.device if cls is GRPORunConfig else cfg.train.device
     with pytest.raises(ValueError, match=rf"^{key} is 'cuda:7' but CUDA is not available"):
