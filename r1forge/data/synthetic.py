@@ -278,12 +278,23 @@ def pretrain_text(problem: Problem) -> str:
     return "\n".join([problem.question, *problem.steps, f"The answer is {problem.answer}."])
 
 
-def sft_messages(problem: Problem) -> list[dict[str, str]]:
-    """A cold-start SFT conversation: the answer is `<think>` steps `</think>` then `<answer>`."""
-    steps = "\n".join(problem.steps)
+def sft_messages(problem: Problem, show_steps: bool = True) -> list[dict[str, str]]:
+    """A cold-start SFT conversation: `<think>` steps `</think>` then `<answer>`; with show_steps=False the
+    reasoning is left empty (`<think>\n</think>`), a terse answer in the same well-formed format."""
+    steps = "\n".join(problem.steps) + "\n" if show_steps else ""
     return [{"role": "user", "content": problem.question},
             {"role": "assistant",
-             "content": f"{THINK_START}\n{steps}\n{THINK_END}\n{ANSWER_START}{problem.answer}{ANSWER_END}"}]
+             "content": f"{THINK_START}\n{steps}{THINK_END}\n{ANSWER_START}{problem.answer}{ANSWER_END}"}]
+
+
+def shows_steps(problem: Problem, fraction: float, seed: int) -> bool:
+    """Whether a cold-start conversation writes this problem's steps out: a seeded coin per problem with
+    P(True) = fraction, independent of the number of steps, so the cold start never teaches *when* to reason
+    (that is what RL is left to discover: on the problems where written-out steps pay)."""
+    if fraction >= 1.0:
+        return True
+    digest = hashlib.sha256(f"r1forge-steps:{seed}:{problem.key}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
 def rl_example(problem: Problem) -> dict[str, Any]:
@@ -292,11 +303,12 @@ def rl_example(problem: Problem) -> dict[str, Any]:
     Returns:
         prompt: the R1-Zero template (DeepSeek-R1 paper, Table 1) around the question, plain text for RL
             straight from a base model; messages: the question as a user turn, for RL through the chat
-            template after cold-start SFT; answer: the reference; question; kind.
+            template after cold-start SFT; answer: the reference; question; kind; steps: the solution's
+            number of steps (its difficulty, for per-difficulty reports).
     """
     return {"prompt": R1_ZERO_TEMPLATE.format(question=problem.question), "answer": problem.answer,
             "messages": [{"role": "user", "content": problem.question}], "question": problem.question,
-            "kind": problem.kind}
+            "kind": problem.kind, "steps": len(problem.steps)}
 
 
 _ANIMALS = ("cat", "dog", "bird", "horse", "rabbit", "duck", "fox", "cow")

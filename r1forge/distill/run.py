@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,7 +165,9 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
         records = read_jsonl(traces_path)[0]
         print(f"resumed: {len(records)} teacher traces from {traces_path}")
     else:
+        t0 = time.perf_counter()
         records, trace_stats = teacher_traces(teacher_llm, tokenizer, train_examples, data, cfg.seed)
+        trace_stats["seconds"] = time.perf_counter() - t0
         write_jsonl(traces_path, records)
         print(f"teacher traces: {len(records)} of {trace_stats['total']} samples kept "
               f"(pass@1 {trace_stats['pass_at_1']:.3f}) -> {traces_path}")
@@ -195,7 +198,9 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     if checkpoint is not None:
         trainer.resume(checkpoint)
         print(f"resumed from {checkpoint} (step {trainer.step})")
+    t0 = time.perf_counter()
     result = trainer.fit()
+    train_seconds = time.perf_counter() - t0
 
     student.eval()
     student_llm.reset_prefix_cache()
@@ -206,7 +211,8 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
               "student_after": after.to_dict(), "num_sequences": len(records),
               "traces": trace_stats or saved.get("traces"), "teacher_params": teacher_params,
               "student_params": _params(student), "student_config": dataclasses.asdict(student.config),
-              "checkpoint": str(result.checkpoint) if result.checkpoint else None}
+              "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+              "train_seconds": train_seconds}  # this process's share when resumed
     write_json(run_dir / REPORT_FILE, report)
     before_acc = report["student_before"]["accuracy"] if report["student_before"] else float("nan")
     print(f"held-out accuracy: teacher {teacher_eval.accuracy:.3f}, student untrained {before_acc:.3f}, student "

@@ -53,6 +53,7 @@ class GRPOConfig:
     rollout_compile: bool = False  # rollout engine: torch.compile'd decode steps
     reward_timeout_s: float = 10.0  # a reward call running longer scores 0, counted as a timeout (and left behind)
     rollout_speculative_tokens: int = 0  # rollout engine: MTP drafts verified per step (needs model.mtp); 0 off
+    time_limit_s: float = 0.0  # stop after this many seconds of training, before `steps` (the schedule keeps its length); 0: no limit
 
     def __post_init__(self) -> None:
         self.validate()
@@ -70,7 +71,7 @@ class GRPOConfig:
             in_range(self, prefix, key, 0, 1, high_open=True)
         for key in ("weight_decay", "warmup_steps", "ref_model_sync_steps", "overlong_buffer", "max_resample_rounds",
                     "bias_update_gamma", "log_completions_every", "beta", "epsilon_low", "epsilon_high",
-                    "overlong_penalty_factor", "seed", "rollout_speculative_tokens"):
+                    "overlong_penalty_factor", "seed", "rollout_speculative_tokens", "time_limit_s"):
             if finite_number(self, prefix, key) < 0:
                 raise ValueError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
         if self.loss_type not in LOSS_TYPES:

@@ -5,7 +5,7 @@ none of which needs the GRPO trainer for it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +25,8 @@ class EvalResult:
     num_problems: int
     completions: list[str]
     correct: list[bool]
+    lengths: list[int] = field(default_factory=list)  # each completion's tokens
+    formatted: list[bool] = field(default_factory=list)  # each completion's strict format verdict
 
     @property
     def stderr(self) -> float:
@@ -53,11 +55,51 @@ def evaluate(llm: LLM, tokenizer: Any, examples: list[dict[str, Any]], template:
         lengths.append(len(out.token_ids))
         texts.append(text)
     n = len(examples)
-    return EvalResult(sum(correct) / n, sum(formatted) / n, sum(lengths) / n, n, texts, correct)
+    return EvalResult(sum(correct) / n, sum(formatted) / n, sum(lengths) / n, n, texts, correct, lengths, formatted)
 
 
-def eval_record(result: EvalResult, prefix: str = "eval") -> dict[str, float]:
-    """An evaluation as metrics.jsonl / TensorBoard scalars (`eval/accuracy`, ...)."""
-    return {f"{prefix}/accuracy": result.accuracy, f"{prefix}/accuracy_stderr": result.stderr,
-            f"{prefix}/format_rate": result.format_rate, f"{prefix}/response_length": result.mean_length,
-            f"{prefix}/problems": result.num_problems}
+@dataclass
+class DifficultyRow:
+    """One difficulty's share of an evaluation."""
+
+    difficulty: Any
+    problems: int
+    accuracy: float
+    mean_length: float
+    format_rate: float
+
+
+def by_difficulty(result: EvalResult, examples: list[dict[str, Any]], key: str = "steps") -> list[DifficultyRow]:
+    """The evaluation split by `example[key]` (the built-in problems' number of steps), in increasing order.
+
+    Why: the mean over all problems hides what RL changed; R1's signature is longer reasoning where the problem
+    needs it, which shows only per difficulty. Examples without the key are left out.
+    """
+    if len(result.lengths) != len(examples) or len(result.correct) != len(examples):
+        raise ValueError(f"by_difficulty: the evaluation has {len(result.correct)} problems, examples {len(examples)}")
+    groups: dict[Any, list[int]] = {}
+    for i, ex in enumerate(examples):
+        if key in ex:
+            groups.setdefault(ex[key], []).append(i)
+    rows = []
+    for level in sorted(groups):
+        idx = groups[level]
+        n = len(idx)
+        rows.append(DifficultyRow(level, n, sum(result.correct[i] for i in idx) / n,
+                                  sum(result.lengths[i] for i in idx) / n,
+                                  sum(result.formatted[i] for i in idx) / n if result.formatted else float("nan")))
+    return rows
+
+
+def eval_record(result: EvalResult, prefix: str = "eval",
+                examples: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    """An evaluation as metrics.jsonl / TensorBoard scalars (`eval/accuracy`, ...); with the examples (that
+    carry "steps"), also per difficulty: `eval/steps_3/accuracy`, `eval/steps_3/response_length`."""
+    record = {f"{prefix}/accuracy": result.accuracy, f"{prefix}/accuracy_stderr": result.stderr,
+              f"{prefix}/format_rate": result.format_rate, f"{prefix}/response_length": result.mean_length,
+              f"{prefix}/problems": result.num_problems}
+    if examples is not None and result.lengths:
+        for row in by_difficulty(result, examples):
+            record[f"{prefix}/steps_{row.difficulty}/accuracy"] = row.accuracy
+            record[f"{prefix}/steps_{row.difficulty}/response_length"] = row.mean_length
+    return record

@@ -38,8 +38,41 @@ def _running_mean(values: list[float], window: int) -> list[float]:
     return out
 
 
+def _plot_reasoning(records: list[dict], path: Path) -> bool:
+    """Held-out accuracy and response length over GRPO steps, side by side on one figure, overall and, where
+    the evaluations carry them, per number of steps: DeepSeek-R1's figures 2-3 in one picture. False when the
+    run has fewer than two held-out evaluations."""
+    import matplotlib.pyplot as plt
+
+    steps, acc = _series(records, "eval/accuracy")
+    if len(steps) < 2:
+        return False
+    levels = sorted({int(k.split("/")[1][len("steps_"):]) for r in records for k in r
+                     if k.startswith("eval/steps_") and k.endswith("/accuracy")})
+    fig, (ax_acc, ax_len) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, metric, ylabel in ((ax_acc, "accuracy", "held-out accuracy (greedy)"),
+                               (ax_len, "response_length", "held-out response length (tokens)")):
+        xs, ys = _series(records, f"eval/{metric}")
+        ax.plot(xs, ys, "o-", color="black", linewidth=2, label="all problems")
+        for level in levels:
+            xs, ys = _series(records, f"eval/steps_{level}/{metric}")
+            if xs:
+                ax.plot(xs, ys, ".-", alpha=0.8, label=f"{level}-step problems")
+        ax.set_xlabel("GRPO step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    ax_acc.set_title("held-out accuracy rises ...")
+    ax_len.set_title("... as the reasoning gets longer where it pays")
+    ax_len.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def plot_grpo_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Write reward.png, accuracy.png, response_length.png and health.png; returns the files written."""
+    """Write reward.png, accuracy.png, response_length.png, health.png and (with held-out evaluations during
+    the run) reasoning.png; returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,4 +107,6 @@ def plot_grpo_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
             written.append(out / name)
             fig.savefig(written[-1], dpi=100)
         plt.close(fig)
+    if _plot_reasoning(records, out / "reasoning.png"):
+        written.append(out / "reasoning.png")
     return written

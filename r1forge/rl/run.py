@@ -41,6 +41,7 @@ class GRPOResult:
     run_dir: Path
     plots: list[Path]
     reason: str = ""  # when diverged: which steps, and what was non-finite
+    train_seconds: float = 0.0  # the training loop's time in this process (no evaluation before or after)
 
 
 def run_grpo(cfg: GRPORunConfig, resume: bool = False, before: EvalResult | None = None) -> GRPOResult:
@@ -78,7 +79,7 @@ def run_grpo(cfg: GRPORunConfig, resume: bool = False, before: EvalResult | None
     if before is None and cfg.log.eval_before and held_out and checkpoint is None:
         before = trainer.evaluate(held_out, progress=cfg.log.progress)
     if before is not None and checkpoint is None:
-        logger.log(0, {"event": "eval", **eval_record(before)})
+        logger.log(0, {"event": "eval", **eval_record(before, examples=held_out)})
         print(f"before GRPO: accuracy {before.accuracy:.3f} +- {before.stderr:.3f}, format {before.format_rate:.3f}, "
               f"length {before.mean_length:.1f} tokens on {before.num_problems} held-out problems")
     progress = Progress(cfg.grpo.steps, initial=trainer.step_count, enabled=cfg.log.progress, desc="grpo")
@@ -86,6 +87,9 @@ def run_grpo(cfg: GRPORunConfig, resume: bool = False, before: EvalResult | None
     t0 = time.perf_counter()
     try:
         while trainer.step_count < cfg.grpo.steps:
+            if cfg.grpo.time_limit_s and time.perf_counter() - t0 >= cfg.grpo.time_limit_s:
+                progress.write(f"grpo.time_limit_s {cfg.grpo.time_limit_s:g} reached after {trainer.step_count} steps")
+                break
             metrics = trainer.step()
             step = trainer.step_count
             metrics.update(REWARD_STATS.as_metrics())  # running counts: calls, unparsable answers, errors
@@ -95,7 +99,7 @@ def run_grpo(cfg: GRPORunConfig, resume: bool = False, before: EvalResult | None
                             len=metrics.get("completion_length", float("nan")))
             if cfg.log.eval_every and step % cfg.log.eval_every == 0 and step < cfg.grpo.steps and held_out:
                 result = trainer.evaluate(held_out)
-                logger.log(step, {"event": "eval", **eval_record(result)})
+                logger.log(step, {"event": "eval", **eval_record(result, examples=held_out)})
                 progress.write(f"step {step}: held-out accuracy {result.accuracy:.3f} +- {result.stderr:.3f}")
             # no checkpoint in the middle of a non-finite streak: the newest one stays a healthy step's
             if cfg.log.save_every and step % cfg.log.save_every == 0 and step < cfg.grpo.steps \
@@ -103,10 +107,11 @@ def run_grpo(cfg: GRPORunConfig, resume: bool = False, before: EvalResult | None
                 saved = _save(trainer, run_dir, cfg, tokenizer)
     finally:
         progress.close()
+    train_seconds = time.perf_counter() - t0
     after = None
     if held_out:
         after = trainer.evaluate(held_out, progress=cfg.log.progress)
-        logger.log(trainer.step_count, {"event": "eval", **eval_record(after)})
+        logger.log(trainer.step_count, {"event": "eval", **eval_record(after, examples=held_out)})
         print(f"after GRPO ({trainer.step_count} steps, {time.perf_counter() - t0:.0f}s): accuracy "
               f"{after.accuracy:.3f} +- {after.stderr:.3f}, format {after.format_rate:.3f}, "
               f"length {after.mean_length:.1f} tokens")
@@ -127,7 +132,7 @@ def run_grpo(cfg: GRPORunConfig, resume: bool = False, before: EvalResult | None
     for path in plots:
         print(f"plot: {path}")
     print(f"checkpoint: {saved}")
-    return GRPOResult(status, trainer.step_count, before, after, saved, run_dir, plots, reason)
+    return GRPOResult(status, trainer.step_count, before, after, saved, run_dir, plots, reason, train_seconds)
 
 
 def _save(trainer: GRPOTrainer, run_dir: Path, cfg: GRPORunConfig, tokenizer: Any) -> Path:

@@ -172,10 +172,14 @@ class SFTDataConfig(ProblemSet):
     max_len: int = 256  # longest conversation (or packed row) in tokens
     skip_malformed: bool = False  # skip (and count) malformed JSONL lines instead of stopping at the first one
     packing: bool = False  # pack conversations into rows of max_len
+    # built-in conversations: the share that writes the steps out in <think>; the rest answer tersely (empty
+    # reasoning), chosen per problem independently of its difficulty (r1forge.data.synthetic.shows_steps)
+    shown_steps_fraction: float = 1.0
 
     def validate(self, prefix: str = "data") -> None:
         super().validate(prefix)
         _positive(self, prefix, "vocab_size", "max_len")
+        in_range(self, prefix, "shown_steps_fraction", 0, 1)
 
 
 @dataclass

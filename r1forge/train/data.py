@@ -18,6 +18,7 @@ from r1forge.data import (
     IGNORE_INDEX, PretrainDataset, SFTDataset, StatefulLoader, Tokenizer, make_pretrain_corpus,
     pretrain_text, sft_messages, stack_collate,
 )
+from r1forge.data.synthetic import Problem, shows_steps
 from r1forge.train.config import PretrainDataConfig, SFTDataConfig
 
 Batch = dict[str, torch.Tensor]
@@ -72,9 +73,11 @@ def pretrain_datasets(cfg: PretrainDataConfig, tokenizer: Tokenizer, seed: int,
 
 def sft_records(cfg: SFTDataConfig, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Built-in (train, held-out) conversations, used where no files are given."""
-    train = [] if cfg.files else [{"messages": sft_messages(p)}
-                                  for p in cfg.problems(cfg.synthetic_problems, seed, "train")]
-    held_out = [] if cfg.eval_files else [{"messages": sft_messages(p)}
+    def conversation(p: Problem) -> dict[str, Any]:
+        return {"messages": sft_messages(p, shows_steps(p, cfg.shown_steps_fraction, seed))}
+
+    train = [] if cfg.files else [conversation(p) for p in cfg.problems(cfg.synthetic_problems, seed, "train")]
+    held_out = [] if cfg.eval_files else [conversation(p)
                                           for p in cfg.problems(cfg.synthetic_eval_problems, seed, "test")]
     return train, held_out
 
