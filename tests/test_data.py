@@ -302,3 +302,39 @@ def test_write_jsonl_round_trips_through_sft(tok, tmp_path):
     write_jsonl(path, [{"messages": sft_messages(p)} for p in make_problems(5, seed=9)])
     ds = SFTDataset(tok, max_len=256, files=[path])
     assert len(ds) == 5 and tok.decode(ds[0]["input_ids"].tolist()).startswith(BOS)
+
+
+def test_cold_start_shows_steps_for_a_share_of_problems_whatever_their_difficulty() -> None:
+    from r1forge.data.synthetic import shows_steps
+    from r1forge.rl.rewards import accuracy_reward, format_reward
+
+    problems = make_problems(2000, seed=3, min_steps=1, max_steps=5)
+    for level in range(1, 6):  # the coin does not depend on the number of steps
+        at_level = [p for p in problems if len(p.steps) == level]
+        share = sum(shows_steps(p, 0.5, seed=0) for p in at_level) / len(at_level)
+        assert 0.4 < share < 0.6, (level, share)
+    assert all(shows_steps(p, 1.0, seed=0) for p in problems[:50])
+    assert not any(shows_steps(p, 0.0, seed=0) for p in problems[:50])
+    assert [shows_steps(p, 0.5, seed=0) for p in problems[:50]] == [shows_steps(p, 0.5, seed=0) for p in problems[:50]]
+    p = problems[0]
+    terse = sft_messages(p, show_steps=False)[1]["content"]
+    full = sft_messages(p)[1]["content"]
+    assert all(step not in terse for step in p.steps) and all(step in full for step in p.steps)
+    prompt = "<｜User｜>q<｜Assistant｜><think>\n"
+    for text in (terse, full):  # both well-formed and correct (the prompt opened <think>)
+        completion = text.removeprefix("<think>\n")
+        assert format_reward(prompt, completion) == 1.0 and accuracy_reward(prompt, completion, answer=p.answer) == 1.0
+    assert rl_example(p)["steps"] == len(p.steps)
+
+
+def test_sft_config_shown_steps_fraction() -> None:
+    from r1forge.train.config import SFTDataConfig
+    from r1forge.train.data import sft_records
+
+    cfg = SFTDataConfig(synthetic_problems=400, max_steps=5, shown_steps_fraction=0.5)
+    train, _ = sft_records(cfg, seed=0)
+    shown = sum("=" in r["messages"][1]["content"] for r in train) / len(train)
+    assert 0.4 < shown < 0.6
+    with pytest.raises(ValueError, match="data.shown_steps_fraction"):
+        SFTDataConfig(shown_steps_fraction=1.5).validate()
+

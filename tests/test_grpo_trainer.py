@@ -163,6 +163,19 @@ def test_grpo_resume_equals_uninterrupted(tokenizer_dir: Path, tmp_path: Path) -
     assert len(completions) == 3 * 4 and "completion" in json.loads(completions[0])
 
 
+def test_grpo_time_limit_stops_early_and_per_difficulty_evals(tokenizer_dir: Path, tmp_path: Path) -> None:
+    init = _write_init(tokenizer_dir, tmp_path / "init")
+    # a limit far below one step's time: checked after each step, so exactly one step is made
+    result = _run(tmp_path / "run", init, steps=5, **{"grpo.time_limit_s": "1e-9", "log.eval_problems": "6"})
+    assert result.step == 1 and result.train_seconds > 0
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    per_level = {k for k in evals[-1] if k.startswith("eval/steps_")}
+    assert per_level and all(k.endswith(("/accuracy", "/response_length")) for k in per_level)
+    with pytest.raises(ValueError, match="grpo.time_limit_s"):
+        load_run_config(GRPORunConfig, None, ["--grpo.time_limit_s", "-1"])
+
+
 def test_grpo_run_refuses_bad_config(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="grpo.loss_type"):
         load_run_config(GRPORunConfig, None, ["--model.init_from", "x", "--grpo.loss_type", "ppo"])

@@ -53,7 +53,7 @@ class GRPOConfig:
     rollout_compile: bool = False  # rollout engine: torch.compile'd decode steps
     reward_timeout_s: float = 10.0  # a reward call running longer scores 0, counted as a timeout (and left behind)
     rollout_speculative_tokens: int = 0  # rollout engine: MTP drafts verified per step (needs model.mtp); 0 off
-    time_limit_s: float = 0.0  # stop after this many seconds of training, before `steps` (the schedule keeps its length); 0: no limit
+    time_limit_s: float = 0.0  # stop at the first step ending past this many seconds of training (the schedule keeps its length); 0: none
 
     def __post_init__(self) -> None:
         self.validate()

@@ -87,9 +87,6 @@ def run_grpo(cfg: GRPORunConfig, resume: bool = False, before: EvalResult | None
     t0 = time.perf_counter()
     try:
         while trainer.step_count < cfg.grpo.steps:
-            if cfg.grpo.time_limit_s and time.perf_counter() - t0 >= cfg.grpo.time_limit_s:
-                progress.write(f"grpo.time_limit_s {cfg.grpo.time_limit_s:g} reached after {trainer.step_count} steps")
-                break
             metrics = trainer.step()
             step = trainer.step_count
             metrics.update(REWARD_STATS.as_metrics())  # running counts: calls, unparsable answers, errors
@@ -105,6 +102,9 @@ def run_grpo(cfg: GRPORunConfig, resume: bool = False, before: EvalResult | None
             if cfg.log.save_every and step % cfg.log.save_every == 0 and step < cfg.grpo.steps \
                     and not trainer.guard.consecutive:
                 saved = _save(trainer, run_dir, cfg, tokenizer)
+            if cfg.grpo.time_limit_s and time.perf_counter() - t0 >= cfg.grpo.time_limit_s and step < cfg.grpo.steps:
+                progress.write(f"grpo.time_limit_s {cfg.grpo.time_limit_s:g} reached after {step} steps")
+                break
     finally:
         progress.close()
     train_seconds = time.perf_counter() - t0
