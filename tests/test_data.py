@@ -338,3 +338,16 @@ def test_sft_config_shown_steps_fraction() -> None:
     with pytest.raises(ValueError, match="data.shown_steps_fraction"):
         SFTDataConfig(shown_steps_fraction=1.5).validate()
 
+
+
+def test_max_result_bounds_every_number_in_the_steps() -> None:
+    from r1forge.train.config import SFTDataConfig
+
+    problems = make_problems(500, seed=2, min_steps=1, max_steps=4, max_operand=12, max_result=99)
+    numbers = [int(t) for p in problems for s in p.steps for t in s.rstrip(".").split() if t.isdigit()]
+    assert max(numbers) <= 99 and {len(p.steps) for p in problems} == {1, 2, 3, 4}
+    assert all(int(p.answer) <= 99 for p in problems)
+    with pytest.raises(ValueError, match="max_result"):
+        make_problems(5, seed=0, max_operand=50, max_result=20)
+    with pytest.raises(ValueError, match="data.max_result"):
+        SFTDataConfig(max_operand=12, max_result=1000).validate()

@@ -217,8 +217,13 @@ def _equation_problem(rng: random.Random, n_steps: int, max_operand: int) -> Pro
     return Problem(question, steps, str(x), "equation", {"equation": eq})
 
 
+def _largest_number(problem: Problem) -> int:
+    """The largest number in the problem's steps (operands and results)."""
+    return max(int(tok) for step in problem.steps for tok in step.rstrip(".").split() if tok.isdigit())
+
+
 def make_problems(n: int, seed: int, split: str = "train", min_steps: int = 1, max_steps: int = 3,
-                  max_operand: int = 99, kinds: tuple[str, ...] = KINDS) -> list[Problem]:
+                  max_operand: int = 99, kinds: tuple[str, ...] = KINDS, max_result: int = MAX_RESULT) -> list[Problem]:
     """n distinct problems of one split, deterministic in (seed, split, arguments).
 
     Args:
@@ -227,6 +232,9 @@ def make_problems(n: int, seed: int, split: str = "train", min_steps: int = 1, m
         split: "train" or "test".
         min_steps, max_steps: solution length range (each count about equally likely; equations stop at 3).
         max_operand: largest starting number or added/subtracted operand (2..999).
+        max_result: largest number any step may produce (max_operand..999); a candidate going beyond is drawn
+            again. Small values keep every step a fact a tiny model can learn, so that the difficulty is the
+            number of steps, not the size of the numbers.
         kinds: subset of ("word", "expression", "equation").
     """
     if split not in ("train", "test"):
@@ -235,6 +243,8 @@ def make_problems(n: int, seed: int, split: str = "train", min_steps: int = 1, m
         raise ValueError(f"need 1 <= min_steps <= max_steps <= {MAX_STEPS}, got min_steps={min_steps}, max_steps={max_steps}")
     if not 2 <= max_operand <= MAX_RESULT:
         raise ValueError(f"max_operand must be in [2, {MAX_RESULT}], got {max_operand}")
+    if not max_operand <= max_result <= MAX_RESULT:
+        raise ValueError(f"max_result must be in [max_operand={max_operand}, {MAX_RESULT}], got {max_result}")
     unknown = set(kinds) - set(KINDS)
     if not kinds or unknown:
         raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds}")
@@ -255,6 +265,8 @@ def make_problems(n: int, seed: int, split: str = "train", min_steps: int = 1, m
         if not allowed:
             continue
         problem = makers[rng.choice(allowed)](rng, steps, max_operand)
+        if max_result < MAX_RESULT and _largest_number(problem) > max_result:
+            continue
         if problem.key in seen or problem_split(problem) != split:
             continue
         seen.add(problem.key)
@@ -337,7 +349,8 @@ def _english_paragraph(rng: random.Random) -> str:
 
 
 def make_pretrain_corpus(n_docs: int, seed: int, problem_fraction: float = 0.7, min_steps: int = 1,
-                         max_steps: int = 3, max_operand: int = 99, kinds: tuple[str, ...] = KINDS) -> list[str]:
+                         max_steps: int = 3, max_operand: int = 99, kinds: tuple[str, ...] = KINDS,
+                         max_result: int = MAX_RESULT) -> list[str]:
     """Documents for tokenizer training and pretraining: worked train-split problems and templated English.
 
     A problem document holds one to three worked problems (`pretrain_text`), an English one two to six simple
@@ -347,6 +360,6 @@ def make_pretrain_corpus(n_docs: int, seed: int, problem_fraction: float = 0.7, 
         raise ValueError(f"problem_fraction must be in [0, 1], got {problem_fraction}")
     rng = random.Random(f"r1forge-corpus:{seed}")
     counts = [rng.randint(1, 3) if rng.random() < problem_fraction else 0 for _ in range(n_docs)]
-    problems = iter(make_problems(sum(counts), seed, "train", min_steps, max_steps, max_operand, kinds))
+    problems = iter(make_problems(sum(counts), seed, "train", min_steps, max_steps, max_operand, kinds, max_result))
     return ["\n\n".join(pretrain_text(next(problems)) for _ in range(c)) if c else _english_paragraph(rng)
             for c in counts]

@@ -111,6 +111,7 @@ class ProblemSource:
     min_steps: int = 1  # built-in problems: fewest solution steps
     max_steps: int = 3  # built-in problems: most solution steps (equations stop at 3)
     max_operand: int = 99  # built-in problems: largest starting number or operand
+    max_result: int = MAX_RESULT  # built-in problems: largest number any step may produce (max_operand..999)
     kinds: list[str] = field(default_factory=lambda: list(KINDS))  # built-in problem kinds
 
     def validate(self, prefix: str = "data") -> None:
@@ -122,12 +123,16 @@ class ProblemSource:
                              f"max_steps <= {MAX_STEPS}, got {self.min_steps}, {self.max_steps}")
         if not 2 <= self.max_operand <= MAX_RESULT:
             raise ValueError(f"{_key(prefix, 'max_operand')} must be in [2, {MAX_RESULT}], got {self.max_operand}")
+        if not self.max_operand <= self.max_result <= MAX_RESULT:
+            raise ValueError(f"{_key(prefix, 'max_result')} must be in [max_operand, {MAX_RESULT}] = "
+                             f"[{self.max_operand}, {MAX_RESULT}], got {self.max_result}")
         if not self.kinds or set(self.kinds) - set(KINDS):
             raise ValueError(f"{_key(prefix, 'kinds')} must be a non-empty subset of {list(KINDS)}, got {self.kinds}")
 
     def problems(self, count: int, seed: int, split: str) -> list[Problem]:
         """`count` built-in problems of `split` ("train" or "test") at this source's difficulty."""
-        return make_problems(count, seed, split, self.min_steps, self.max_steps, self.max_operand, tuple(self.kinds))
+        return make_problems(count, seed, split, self.min_steps, self.max_steps, self.max_operand, tuple(self.kinds),
+                             self.max_result)
 
 
 @dataclass
