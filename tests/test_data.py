@@ -351,3 +351,16 @@ def test_max_result_bounds_every_number_in_the_steps() -> None:
         make_problems(5, seed=0, max_operand=50, max_result=20)
     with pytest.raises(ValueError, match="data.max_result"):
         SFTDataConfig(max_operand=12, max_result=1000).validate()
+
+
+def test_tagged_fraction_writes_some_worked_problems_in_the_r1_format() -> None:
+    plain = make_pretrain_corpus(300, seed=1, problem_fraction=1.0)
+    assert plain == make_pretrain_corpus(300, seed=1, problem_fraction=1.0, tagged_fraction=0.0)
+    tagged = make_pretrain_corpus(300, seed=1, problem_fraction=1.0, tagged_fraction=0.3)
+    n_plain = sum(d.count("The answer is") for d in tagged)
+    n_tagged = sum(d.count("<answer>") for d in tagged)
+    assert 0.2 < n_tagged / (n_plain + n_tagged) < 0.4
+    # the same problems in the same order: only their form changed
+    assert [d.split("\n")[0] for d in tagged] == [d.split("\n")[0] for d in plain]
+    doc = next(d for d in tagged if "<answer>" in d)
+    assert "<think>\n" in doc and "</think>\n<answer>" in doc

@@ -285,9 +285,23 @@ R1_ZERO_TEMPLATE = (
 )
 
 
-def pretrain_text(problem: Problem) -> str:
-    """A plain worked solution: the question, one step per line, the answer."""
+def pretrain_text(problem: Problem, tagged: bool = False) -> str:
+    """A plain worked solution: the question, one step per line, the answer; with tagged=True the same in the
+    R1 output format (`<think>` steps `</think>` `<answer>` answer `</answer>`), as text on the web sometimes is."""
+    if tagged:
+        steps = "\n".join(problem.steps)
+        return f"{problem.question}\n{THINK_START}\n{steps}\n{THINK_END}\n{ANSWER_START}{problem.answer}{ANSWER_END}"
     return "\n".join([problem.question, *problem.steps, f"The answer is {problem.answer}."])
+
+
+def _coin(tag: str, seed: int, problem: Problem, p: float) -> bool:
+    """A seeded coin per problem (its own stream: drawing it changes no other random choice)."""
+    if p <= 0.0:
+        return False
+    if p >= 1.0:
+        return True
+    digest = hashlib.sha256(f"{tag}:{seed}:{problem.key}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < p
 
 
 def sft_messages(problem: Problem, show_steps: bool = True) -> list[dict[str, str]]:
@@ -303,10 +317,7 @@ def shows_steps(problem: Problem, fraction: float, seed: int) -> bool:
     """Whether a cold-start conversation writes this problem's steps out: a seeded coin per problem with
     P(True) = fraction, independent of the number of steps, so the cold start never teaches *when* to reason
     (that is what RL is left to discover: on the problems where written-out steps pay)."""
-    if fraction >= 1.0:
-        return True
-    digest = hashlib.sha256(f"r1forge-steps:{seed}:{problem.key}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return _coin("r1forge-steps", seed, problem, fraction)
 
 
 def rl_example(problem: Problem) -> dict[str, Any]:
@@ -350,16 +361,19 @@ def _english_paragraph(rng: random.Random) -> str:
 
 def make_pretrain_corpus(n_docs: int, seed: int, problem_fraction: float = 0.7, min_steps: int = 1,
                          max_steps: int = 3, max_operand: int = 99, kinds: tuple[str, ...] = KINDS,
-                         max_result: int = MAX_RESULT) -> list[str]:
+                         max_result: int = MAX_RESULT, tagged_fraction: float = 0.0) -> list[str]:
     """Documents for tokenizer training and pretraining: worked train-split problems and templated English.
 
-    A problem document holds one to three worked problems (`pretrain_text`), an English one two to six simple
-    sentences. Only train-split problems are used, so test problems never leak into pretraining.
+    A problem document holds one to three worked problems (`pretrain_text`; a `tagged_fraction` of them in the
+    `<think>`/`<answer>` format, which is what lets RL straight from this base, R1-Zero, find the tags at all),
+    an English one two to six simple sentences. Only train-split problems are used, so test problems never leak
+    into pretraining.
     """
     if not 0.0 <= problem_fraction <= 1.0:
         raise ValueError(f"problem_fraction must be in [0, 1], got {problem_fraction}")
     rng = random.Random(f"r1forge-corpus:{seed}")
     counts = [rng.randint(1, 3) if rng.random() < problem_fraction else 0 for _ in range(n_docs)]
     problems = iter(make_problems(sum(counts), seed, "train", min_steps, max_steps, max_operand, kinds, max_result))
-    return ["\n\n".join(pretrain_text(next(problems)) for _ in range(c)) if c else _english_paragraph(rng)
+    worked = lambda p: pretrain_text(p, _coin("r1forge-tagged", seed, p, tagged_fraction))  # noqa: E731
+    return ["\n\n".join(worked(next(problems)) for _ in range(c)) if c else _english_paragraph(rng)
             for c in counts]

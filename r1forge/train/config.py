@@ -157,6 +157,7 @@ class PretrainDataConfig(ProblemSource):
     eval_fraction: float = 0.05  # rows of `files` held out for evaluation when eval_files is empty
     synthetic_docs: int = 4000  # documents of the built-in corpus (when files is empty)
     problem_fraction: float = 0.7  # built-in corpus: share of documents that are worked problems (rest: English)
+    tagged_fraction: float = 0.0  # built-in corpus: share of worked problems written in the <think>/<answer> format
     seq_len: int = 128  # tokens per packed row
     skip_malformed: bool = False  # skip (and count) malformed JSONL lines instead of stopping at the first one
 
@@ -165,6 +166,7 @@ class PretrainDataConfig(ProblemSource):
         _positive(self, prefix, "vocab_size", "synthetic_docs", "seq_len")
         in_range(self, prefix, "eval_fraction", 0, 1, high_open=True)
         in_range(self, prefix, "problem_fraction", 0, 1)
+        in_range(self, prefix, "tagged_fraction", 0, 1)
 
 
 @dataclass

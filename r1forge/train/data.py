@@ -45,7 +45,7 @@ def pretrain_texts(cfg: PretrainDataConfig, seed: int) -> list[str] | None:
     if cfg.files:
         return None
     return make_pretrain_corpus(cfg.synthetic_docs, seed, cfg.problem_fraction, cfg.min_steps, cfg.max_steps,
-                                cfg.max_operand, tuple(cfg.kinds), cfg.max_result)
+                                cfg.max_operand, tuple(cfg.kinds), cfg.max_result, cfg.tagged_fraction)
 
 
 def pretrain_datasets(cfg: PretrainDataConfig, tokenizer: Tokenizer, seed: int,
