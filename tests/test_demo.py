@@ -23,8 +23,10 @@ TOY = {
     "sft": ["--train.steps", "4", "--data.synthetic_problems", "40", *QUIET],
     "grpo": [*GRPO_TOY, "--log.eval_every", "1"],
     "student_base": ["--train.steps", "6", "--data.synthetic_docs", "100", *QUIET],
-    "distill": ["--train.steps", "3", "--train.batch_size", "2", "--data.synthetic_problems", "8", "--data.samples_per_prompt", "2",
-                "--data.only_correct", "false", "--data.max_tokens", "16", "--data.synthetic_eval_problems", "12",
+    # a toy teacher never ends a sample (no trace survives rejection sampling): distil its distributions on the
+    # reference solutions instead, through the same stage
+    "distill": ["--mode", "kl", "--data.sequences", "dataset", "--train.steps", "3", "--train.batch_size", "2",
+                "--data.synthetic_problems", "8", "--data.max_tokens", "16", "--data.synthetic_eval_problems", "12",
                 *QUIET],
     "student_sft": ["--train.steps", "2", "--data.synthetic_problems", "20", *QUIET],
     "student_grpo": GRPO_TOY,

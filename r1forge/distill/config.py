@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from r1forge.parallel.config import ParallelConfig
 from r1forge.rl.templates import TEMPLATES
 from r1forge.train.config import LogConfig, ProblemSet, TrainConfig, finite_number
 
@@ -110,6 +111,9 @@ class DistillRunConfig:
     kl: KLConfig = field(default_factory=KLConfig)  # forward-KL settings (mode: kl)
     train: TrainConfig = field(default_factory=_distill_train)  # the student's optimisation
     log: LogConfig = field(default_factory=lambda: LogConfig(eval_every=0, save_every=100))  # logging, checkpoints
+    # under torchrun: the student FSDP2-sharded as in pretraining (train.batch_size is global); the teacher's
+    # traces and every evaluation split over the ranks
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self, prefix: str = "") -> None:
         if self.mode not in MODES:

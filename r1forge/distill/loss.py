@@ -86,7 +86,7 @@ class ForwardKLLoss:
         mask = labels != self.ignore_index  # [B, T]
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids, positions)[mask]  # [N, V] trained positions only
-        hidden = model.model(input_ids, positions)  # [B, T, D]
+        hidden = model.hidden_states(input_ids, positions)  # [B, T, D] (through the root: FSDP sees the call)
         student_logits = model.lm_head(hidden)  # [B, T, V]
         picked = student_logits[mask]  # [N, V]
         denom = max(norms["lm"], 1.0)

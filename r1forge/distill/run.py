@@ -13,6 +13,13 @@ The steps (DeepSeek-R1 section 2.4, "Distillation"):
      the teacher's distributions (mode kl), assistant tokens only either way;
   5. greedy held-out accuracy of the student again; RUN_DIR/report.json holds all of it.
 A run with checkpoints continues only with `resume=True`, reusing its traces and its "before" numbers.
+
+Under torchrun (`torchrun --nproc-per-node 2 -m r1forge distill CONFIG`) every rank holds the teacher; the
+traces and every evaluation are split over the ranks by prompt (prompt i keeps seed + i, so the records are the
+1-process ones) and merged; the student trains FSDP2-sharded through the same `Trainer` as pretraining, each
+rank on its share of every global batch (train.batch_size), gradients reduced over ranks; it is evaluated
+after training through an unsharded copy gathered on every rank (`weight_sync_s` in the report). Rank 0 writes
+the run directory; the final sharded checkpoint is also exported to the Hugging Face layout.
 """
 
 from __future__ import annotations
@@ -33,13 +40,16 @@ from r1forge.data.jsonl import write_json, write_jsonl
 from r1forge.distill.config import DistillDataConfig, DistillRunConfig
 from r1forge.distill.loss import ForwardKLLoss
 from r1forge.distill.student import build_student, dense_student_config, other_architecture_student_config
-from r1forge.rl.evaluate import EvalResult, evaluate
+from r1forge.parallel import ParallelMesh, parallelize
+from r1forge.parallel.gather import unsharded_copy
+from r1forge.parallel.rl import evaluate_sharded, rejection_sample_sharded
+from r1forge.rl.evaluate import EvalResult
 from r1forge.rl.examples import train_and_held_out
 from r1forge.rl.policy import load_policy, sampling_engine
-from r1forge.rl.rejection import rejection_sample
 from r1forge.train.checkpointing import resolve_model_dir
 from r1forge.train.data import make_loader
-from r1forge.train.prologue import start_run
+from r1forge.train.prologue import start_parallel_run
+from r1forge.train.run import check_global_batch
 from r1forge.train.trainer import Trainer
 
 if TYPE_CHECKING:
@@ -71,13 +81,14 @@ def dataset_conversations(cfg: DistillDataConfig, seed: int) -> list[dict[str, A
 
 
 def teacher_traces(llm: LLM, tokenizer: Any, examples: list[dict[str, Any]], cfg: DistillDataConfig,
-                   seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The teacher's traces on the training prompts (correct ones only unless `only_correct` is false)."""
-    result = rejection_sample(llm, tokenizer, examples, cfg.samples_per_prompt, template=cfg.template,
-                              temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=seed,
-                              require_correct=cfg.only_correct, require_format=cfg.only_correct,
-                              max_per_prompt=cfg.max_per_prompt)
-    return result.records, result.stats.to_dict()
+                   seed: int, mesh: ParallelMesh | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The teacher's traces on the training prompts (correct ones only unless `only_correct` is false); under a
+    data-parallel `mesh` each rank samples its share of the prompts and every rank gets all the traces."""
+    records, stats = rejection_sample_sharded(
+        mesh or ParallelMesh.single(), llm, tokenizer, examples, cfg.samples_per_prompt, template=cfg.template,
+        temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=seed,
+        require_correct=cfg.only_correct, require_format=cfg.only_correct, max_per_prompt=cfg.max_per_prompt)
+    return records, stats.to_dict()
 
 
 def _params(model: torch.nn.Module) -> dict[str, int]:
@@ -139,38 +150,49 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     """Distil `cfg.teacher` into a student as `cfg` says (see the module docstring)."""
     if cfg.teacher is None:
         raise ValueError("teacher: required (a checkpoint or run directory with a tokenizer)")
-    start = start_run(cfg, resume, device=cfg.train.device, device_key="train.device")
+    mesh, start = start_parallel_run(cfg, cfg.parallel, resume, cfg.train.device, "train.device",
+                                     check=lambda mesh: check_global_batch(cfg.train.batch_size, mesh))
     run_dir, checkpoint, device = start.run_dir, start.checkpoint, start.device
+    main = mesh.is_main  # rank 0 prints and writes for the run
+    say = print if main else (lambda *args, **kwargs: None)
+
     teacher, tokenizer, teacher_dir = load_policy(cfg.teacher, device, key="teacher")
     student, student_tokenizer = make_student(cfg, teacher, tokenizer, device)
     check_shared_vocabulary(teacher, student, tokenizer, student_tokenizer, cfg.mode)
     train_examples, held_out = train_and_held_out(cfg.data, cfg.seed)
     data = cfg.data
     n_eval = len(held_out)
+
+    def evaluate(llm: LLM, tok: Any) -> EvalResult:  # every rank its share of the held-out problems
+        return evaluate_sharded(mesh, llm, tok, held_out, data.template, data.max_tokens)
+
     teacher_params = _params(teacher)
-    print(f"distill ({cfg.mode}): teacher {teacher_dir} {teacher_params} -> student {_params(student)}, "
-          f"{len(train_examples)} prompts, {n_eval} held-out problems, device {device}")
+    say(f"distill ({cfg.mode}): teacher {teacher_dir} {teacher_params} -> student {_params(student)}, "
+        f"{len(train_examples)} prompts, {n_eval} held-out problems, device {device}"
+        + (f", {mesh.world_size} data-parallel ranks" if mesh.distributed else ""))
 
     sampled = train_examples if data.sequences == "teacher" else []
     teacher_llm = sampling_engine(teacher, tokenizer, sampled + held_out, data.template, data.max_tokens,
                                   max(len(sampled) * data.samples_per_prompt, n_eval))
-    teacher_eval = evaluate(teacher_llm, tokenizer, held_out, data.template, data.max_tokens)
-    print(f"teacher: accuracy {teacher_eval.accuracy:.3f} +- {teacher_eval.stderr:.3f} on {n_eval} held-out problems")
+    teacher_eval = evaluate(teacher_llm, tokenizer)
+    say(f"teacher: accuracy {teacher_eval.accuracy:.3f} +- {teacher_eval.stderr:.3f} on {n_eval} held-out problems")
 
     traces_path = run_dir / TRACES_FILE
     trace_stats: dict[str, Any] | None = None
+    trace_seconds: float | None = None  # sampling the traces (None when they were read back or not sampled)
     if data.sequences == "dataset":
         records = dataset_conversations(data, cfg.seed)
     elif checkpoint is not None and traces_path.is_file():
         records = read_jsonl(traces_path)[0]
-        print(f"resumed: {len(records)} teacher traces from {traces_path}")
+        say(f"resumed: {len(records)} teacher traces from {traces_path}")
     else:
         t0 = time.perf_counter()
-        records, trace_stats = teacher_traces(teacher_llm, tokenizer, train_examples, data, cfg.seed)
-        trace_stats["seconds"] = time.perf_counter() - t0
-        write_jsonl(traces_path, records)
-        print(f"teacher traces: {len(records)} of {trace_stats['total']} samples kept "
-              f"(pass@1 {trace_stats['pass_at_1']:.3f}) -> {traces_path}")
+        records, trace_stats = teacher_traces(teacher_llm, tokenizer, train_examples, data, cfg.seed, mesh)
+        trace_seconds = time.perf_counter() - t0
+        if main:
+            write_jsonl(traces_path, records)
+        say(f"teacher traces: {len(records)} of {trace_stats['total']} samples kept "
+            f"(pass@1 {trace_stats['pass_at_1']:.3f}) -> {traces_path}")
     del teacher_llm
     if not records:
         raise ValueError(f"no training sequences: the teacher got no prompt right in {data.samples_per_prompt} "
@@ -180,9 +202,12 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     before: EvalResult | None = None
     before_path = run_dir / _BEFORE_FILE
     if checkpoint is None:
-        before = evaluate(student_llm, student_tokenizer, held_out, data.template, data.max_tokens)
-        write_json(before_path, {"student_before": before.to_dict(), "traces": trace_stats})
-        print(f"student before: accuracy {before.accuracy:.3f} +- {before.stderr:.3f}")
+        before = evaluate(student_llm, student_tokenizer)
+        if main:
+            write_json(before_path, {"student_before": before.to_dict(), "traces": trace_stats,
+                                     "trace_seconds": trace_seconds})
+        say(f"student before: accuracy {before.accuracy:.3f} +- {before.stderr:.3f}")
+    mesh.barrier()  # (rank 0 has written before.json)
     saved = json.loads(before_path.read_text()) if before_path.is_file() else {}
 
     train_ds = SFTDataset(student_tokenizer, data.max_len, records=records, seed=cfg.seed)  # text re-tokenised
@@ -191,30 +216,51 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     if loss is None:
         del teacher  # SFT needs only the traces
     student.train()
-    trainer = Trainer(student, make_loader(train_ds, cfg.train.batch_size, cfg.seed), cfg.train, cfg.log, run_dir,
-                      eval_batches=None, tokenizer=student_tokenizer, loss=loss,
-                      run_info={"kind": f"distill-{cfg.mode}", "train_rows": len(train_ds),
-                                "teacher": str(teacher_dir)})
+    student_params = _params(student)
+    if mesh.distributed:  # the engine cannot read sharded weights: it gets an unsharded copy after training
+        del student_llm
+        student = parallelize(student, mesh, cfg.train.bf16)
+    loader = make_loader(train_ds, cfg.train.batch_size // mesh.world_size, cfg.seed, mesh.rank, mesh.world_size)
+    trainer = Trainer(student, loader, cfg.train, cfg.log, run_dir, eval_batches=None, tokenizer=student_tokenizer,
+                      loss=loss, run_info={"kind": f"distill-{cfg.mode}", "train_rows": len(train_ds),
+                                           "teacher": str(teacher_dir), "world_size": mesh.world_size},
+                      parallel=mesh)
     if checkpoint is not None:
         trainer.resume(checkpoint)
-        print(f"resumed from {checkpoint} (step {trainer.step})")
+        say(f"resumed from {checkpoint} (step {trainer.step})")
     t0 = time.perf_counter()
     result = trainer.fit()
     train_seconds = time.perf_counter() - t0
 
-    student.eval()
-    student_llm.reset_prefix_cache()
-    after = evaluate(student_llm, student_tokenizer, held_out, data.template, data.max_tokens)
+    weight_sync_s = 0.0
+    if mesh.distributed:
+        t0 = time.perf_counter()
+        evaluated = unsharded_copy(student, mesh)  # the student's weights, gathered on every rank
+        weight_sync_s = time.perf_counter() - t0
+        student_llm = sampling_engine(evaluated, student_tokenizer, held_out, data.template, data.max_tokens,
+                                      n_eval)
+        if main and result.checkpoint is not None:  # the HF layout beside the shards, for load_model / init_from
+            from r1forge.parallel.checkpoint import export_checkpoint
+
+            export_checkpoint(result.checkpoint, result.checkpoint)
+        mesh.barrier()
+    else:
+        student.eval()
+        student_llm.reset_prefix_cache()
+    after = evaluate(student_llm, student_tokenizer)
     report = {"mode": cfg.mode, "status": result.status, "step": result.step, "teacher_dir": str(teacher_dir),
               "teacher": teacher_eval.to_dict(),
               "student_before": before.to_dict() if before else saved.get("student_before"),
               "student_after": after.to_dict(), "num_sequences": len(records),
               "traces": trace_stats or saved.get("traces"), "teacher_params": teacher_params,
-              "student_params": _params(student), "student_config": dataclasses.asdict(student.config),
+              "trace_seconds": trace_seconds if trace_seconds is not None else saved.get("trace_seconds"),
+              "student_params": student_params, "student_config": dataclasses.asdict(student.config),
               "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+              "world_size": mesh.world_size, "weight_sync_s": weight_sync_s,
               "train_seconds": train_seconds}  # this process's share when resumed
-    write_json(run_dir / REPORT_FILE, report)
+    if main:
+        write_json(run_dir / REPORT_FILE, report)
     before_acc = report["student_before"]["accuracy"] if report["student_before"] else float("nan")
-    print(f"held-out accuracy: teacher {teacher_eval.accuracy:.3f}, student untrained {before_acc:.3f}, student "
-          f"distilled {after.accuracy:.3f} +- {after.stderr:.3f} ({n_eval} problems) -> {run_dir / REPORT_FILE}")
+    say(f"held-out accuracy: teacher {teacher_eval.accuracy:.3f}, student untrained {before_acc:.3f}, student "
+        f"distilled {after.accuracy:.3f} +- {after.stderr:.3f} ({n_eval} problems) -> {run_dir / REPORT_FILE}")
     return DistillResult(result.status, teacher_eval, before, after, len(records), result.checkpoint, report)

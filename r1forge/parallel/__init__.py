@@ -12,7 +12,10 @@
 - checkpoint.py: sharded DCP checkpoints (atomic, exact resume, resharding) and their export to HF safetensors;
 - tensor_parallel.py: inference tensor parallelism (heads, MLP widths; experts by width or by rank through the
   all-to-all dispatcher) applied to a built or meta model, and the `ShardLayout` each rank loads with;
-- sharded_load.py: one rank's shard read straight from the safetensors files (`get_slice`, FP8 included).
+- sharded_load.py: one rank's shard read straight from the safetensors files (`get_slice`, FP8 included);
+- gather.py: an unsharded copy of a sharded model's weights on every rank;
+- rl.py: data-parallel GRPO (replicated policy, each rank its share of the prompts, reduced gradients) and the
+  sharded evaluation / teacher-trace sampling distillation uses.
 The engine's multi-process executor over these is r1forge/engine/executor.py.
 """
 

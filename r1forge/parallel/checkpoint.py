@@ -146,16 +146,16 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
 
     Reads only the model's tensors (DCP assembles each from its shards); the tokenizer files are copied.
     """
+    from r1forge.auto_config import load_config
     from r1forge.checkpoint import save_checkpoint
-    from r1forge.config import ModelConfig
-    from r1forge.model import DeepseekForCausalLM
+    from r1forge.model.factory import new_model
 
     path = Path(path)
     if not is_sharded(path):
         raise ValueError(f"{path}: not a sharded checkpoint (no {DCP_DIR}/); it is already a model directory"
                          if (path / "config.json").is_file() else f"{path}: not a sharded checkpoint")
-    config = ModelConfig.from_pretrained(path)
-    model = DeepseekForCausalLM(config, with_mtp=config.num_nextn_predict_layers > 0)
+    config = load_config(path)  # DeepSeek, or a dense Qwen2 / Llama student
+    model = new_model(config, with_mtp=config.num_nextn_predict_layers > 0)
     model_sd = model.state_dict()
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=".*single process.*")

@@ -2,7 +2,8 @@
 
 Dense parameters are FSDP DTensors (`full_tensor()` all-gathers each); routed experts also live on their EP rank
 only, so each EP group all-gathers its experts' (already unsharded) tensors. The result has the single-device
-model's keys, so `engine_model.load_state_dict(gather_full_state_dict(model, mesh))` is the weight sync.
+model's keys, so `engine_model.load_state_dict(gather_full_state_dict(model, mesh))` is the weight sync, and
+`unsharded_copy(model, mesh)` a new single-device model holding them (distillation evaluates its student so).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from r1forge.model.factory import new_model
 from r1forge.model.moe import DeepseekMoE
 from r1forge.parallel.expert_parallel import LocalExperts
 from r1forge.parallel.mesh import ParallelMesh
@@ -37,3 +39,13 @@ def gather_full_state_dict(model: nn.Module, mesh: ParallelMesh) -> dict[str, to
                 for r, value in enumerate(gathered):
                     full[f"{prefix}.experts.{r * local.count + j}.{pname}"] = value
     return full
+
+
+def unsharded_copy(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
+    """A plain single-device model with a parallelized model's current weights, on every rank (a collective):
+    what an engine samples from once the training is sharded (`LLM` needs whole tensors). Same dtypes as the
+    training parameters."""
+    full = gather_full_state_dict(model, mesh)
+    copy = new_model(model.config, with_mtp=model.num_mtp > 0)
+    copy.load_state_dict(full)
+    return copy.to(mesh.device).eval()

@@ -23,11 +23,11 @@ from r1forge.parallel.mesh import ParallelMesh
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
-    return [*model.model.layers, *model.model.mtp]
+    return [*model.model.layers, *getattr(model.model, "mtp", [])]  # (a dense Qwen2/Llama model has no MTP)
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, bf16: bool = True) -> nn.Module:
-    """Shard `model` (a DeepseekForCausalLM, identical on every rank) in place over `mesh`; returns it.
+    """Shard `model` (a CausalLM, identical on every rank) in place over `mesh`; returns it.
 
     A 1-process mesh returns the model unchanged. `bf16` selects bf16 parameters / fp32 reduction on CUDA.
     """

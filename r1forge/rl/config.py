@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from r1forge.parallel.config import ParallelConfig
 from r1forge.rl.grpo_loss import LOSS_TYPES, SCALE_REWARDS
 from r1forge.rl.rewards import combine_rewards
 from r1forge.rl.templates import TEMPLATES
@@ -140,6 +141,9 @@ class GRPORunConfig:
     rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.2})  # name -> weight
     grpo: GRPOConfig = field(default_factory=GRPOConfig)  # the algorithm
     log: GRPOLogConfig = field(default_factory=GRPOLogConfig)  # logging, evaluation, checkpoints
+    # under torchrun: data parallel over every rank (each holds the whole policy and rolls out its share of
+    # grpo.prompts_per_step, the global count); dp_shard -1 or the world size, ep 1
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self, prefix: str = "") -> None:
         combine_rewards(self.rewards)  # names every unknown reward / bad weight

@@ -104,7 +104,7 @@ def completion_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature
     Logits are divided by the sampling temperature, as the engine's reported logprobs are.
     """
     N, L = batch.completion_ids.shape
-    mb = micro_batch_size or N
+    mb = micro_batch_size or max(N, 1)
     lps, ents = [], []
     offsets = torch.arange(L)
     for s in range(0, N, mb):
@@ -117,4 +117,6 @@ def completion_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature
         lps.append(logp.gather(2, batch.completion_ids[s : s + mb, :, None]).squeeze(2))
         with torch.no_grad():
             ents.append(-(logp.exp() * logp).sum(-1))
+    if not lps:  # an empty batch (a data-parallel rank whose every group was dropped)
+        return torch.zeros(0, L), torch.zeros(0, L)
     return torch.cat(lps), torch.cat(ents)

@@ -7,6 +7,8 @@ Each step (docs/design.md section 7):
   4. mu passes: recompute log pi_theta, take the clipped objective against the sampling policy's logprobs,
      plus beta * k3 KL to a frozen reference; one AdamW step per pass;
   5. MoE bias update (optional), reset the engine's prefix cache (its latents are the old weights').
+Under torchrun (`parallel`: the run's mesh) each rank rolls out its contiguous share of the step's prompts and the
+gradient is the global batch's (r1forge.parallel.rl: replicated data parallelism, the same numbers as one process).
 Deviations from the paper, on purpose:
   1. pi_old is the engine's sampling distribution, so with mu = 1 the ratio is 1 up to numerics (as in TRL).
   2. The KL reference can be reset to the current policy every `ref_model_sync_steps` (R1 did, every 400).
@@ -27,9 +29,11 @@ import torch
 
 from r1forge.engine import LLM
 from r1forge.engine.speculative import check_speculative_model
+from r1forge.parallel.mesh import ParallelMesh
+from r1forge.parallel.rl import RolloutParallel, evaluate_sharded
 from r1forge.rl.config import GRPOConfig
-from r1forge.rl.evaluate import EvalResult, evaluate
-from r1forge.rl.grpo_loss import dynamic_sampling_filter, group_advantages, grpo_loss, zero_std_group_fraction
+from r1forge.rl.evaluate import EvalResult
+from r1forge.rl.grpo_loss import dynamic_sampling_filter, grpo_loss, zero_std_group_fraction
 from r1forge.rl.rewards import CombinedReward, overlong_penalty
 from r1forge.rl.rollout import RolloutBatch, completion_logprobs, generate_rollouts
 from r1forge.rl.templates import render_prompt
@@ -63,9 +67,13 @@ class GRPOTrainer:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, config: GRPOConfig,
                  reward_fn: Callable[..., tuple[float, dict[str, float]]], train_examples: list[dict[str, Any]],
                  llm: LLM | None = None, log: Callable[[int, dict[str, Any]], None] | None = None,
-                 log_completions: Callable[[int, list[dict[str, Any]]], None] | None = None) -> None:
+                 log_completions: Callable[[int, list[dict[str, Any]]], None] | None = None,
+                 parallel: ParallelMesh | None = None) -> None:
         if not train_examples:
             raise ValueError("GRPO needs at least one training example")
+        # data parallel under torchrun (every rank the whole policy, its share of the prompts); else one process
+        self.dp = RolloutParallel(parallel or ParallelMesh.single(next(model.parameters()).device))
+        self.dp.check_prompts(config.prompts_per_step)
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -162,8 +170,9 @@ class GRPOTrainer:
         spec_before = self.llm.stats()
         batches, groups_dropped = [], 0
         for round_ in range(1 + (cfg.max_resample_rounds if cfg.dynamic_sampling else 0)):
-            batch = self.rollout(self._next_examples(cfg.prompts_per_step), max_len,
-                                 seed=cfg.seed * 1_000_003 + self.step_count * 101 + round_)
+            examples, seed = self.dp.share(self._next_examples(cfg.prompts_per_step),  # this rank's whole groups
+                                           cfg.seed * 1_000_003 + self.step_count * 101 + round_)
+            batch = self.rollout(examples, max_len, seed=seed)
             if cfg.overlong_buffer > 0:
                 lengths = batch.completion_mask.sum(1)
                 batch.rewards = batch.rewards + cfg.overlong_penalty_factor * torch.tensor(
@@ -174,19 +183,22 @@ class GRPOTrainer:
                 batch = batch.select(keep_groups.repeat_interleave(G))
             if batch.num_completions:
                 batches.append(batch)
-            if sum(b.num_completions for b in batches) >= cfg.prompts_per_step * G:
+            if self.dp.total(sum(b.num_completions for b in batches)) >= cfg.prompts_per_step * G:
                 break
         rollout_time = time.perf_counter() - t0
-        metrics: dict[str, float] = {"groups_dropped": float(groups_dropped)}
+        metrics: dict[str, float] = {"groups_dropped": float(self.dp.total(groups_dropped))}
         metrics.update(_speculation_metrics(spec_before, self.llm.stats()))
-        if not batches:
+        if not self.dp.total(len(batches)):  # no rank kept a group
             self.step_count += 1
             metrics.update(skipped=1.0, zero_std_fraction=1.0)
             self.log(self.step_count, metrics)
             return metrics
-        batch = _cat_batches(batches)
-        N = batch.num_completions
-        advantages = group_advantages(batch.rewards, G, cfg.scale_rewards)
+        # (a rank whose every group dynamic sampling dropped takes part with its empty batch: no gradient of its own)
+        batch = _cat_batches(batches) if batches else batch
+        stats = self.dp.completion_stats(batch)  # the global batch's rewards and lengths (this batch on one process)
+        batch = self.dp.pad_to_global(batch, stats, self.tokenizer.pad_token_id or 0)
+        N = stats.num_completions
+        advantages = self.dp.advantages(batch, stats, G, cfg.scale_rewards)
         mask = batch.completion_mask.clone()
         if cfg.mask_truncated_completions:
             mask = mask * (~batch.truncated).float()[:, None]
@@ -204,32 +216,35 @@ class GRPOTrainer:
         self.guard.check(*(v for _, v in passes), step=self.step_count + 1,
                          reason=", ".join(f"{k}={v}" for k, v in passes if not math.isfinite(v)))
         self.model.eval()
-        # The rollout engine takes the new weights: shared on one device (only the prefix cache is dropped),
-        # broadcast to every rank's shard by a tensor-parallel engine (`LLM(..., tensor_parallel_size=N)`).
+        # The rollout engine takes the new weights: shared on one device and on every data-parallel rank (each
+        # holds the policy and an engine over it: only the prefix cache is dropped), broadcast to every rank's
+        # shard by a tensor-parallel engine (`LLM(..., tensor_parallel_size=N)`).
         weight_sync_s = self.llm.update_weights(self.model)
         self.step_count += 1
         if self.ref_model is not None and cfg.ref_model_sync_steps and self.step_count % cfg.ref_model_sync_steps == 0:
             self.ref_model.load_state_dict(self.model.state_dict())
             self.ref_synced = True
         train_time = time.perf_counter() - t1
-        tokens = batch.completion_mask.sum().item()
+        # global tokens over the slowest rank's times: a data-parallel step is as fast as its slowest rank
+        rollout_time, train_time, weight_sync_s = self.dp.slowest(rollout_time, train_time, weight_sync_s)
+        tokens = stats.lengths.sum().item()
         metrics.update(loss_metrics)
         metrics.update(
-            reward_mean=batch.rewards.mean().item(), reward_std=batch.rewards.std().item() if N > 1 else 0.0,
-            zero_std_fraction=zero_std_group_fraction(batch.rewards, G).item(),
-            completion_length=batch.completion_mask.sum(1).mean().item(),
-            truncated_fraction=batch.truncated.float().mean().item(),
+            reward_mean=stats.rewards.mean().item(), reward_std=stats.rewards.std().item() if N > 1 else 0.0,
+            zero_std_fraction=zero_std_group_fraction(stats.rewards, G).item(),
+            completion_length=stats.lengths.float().mean().item(),
+            truncated_fraction=stats.truncated.float().mean().item(),
             rollout_tokens_per_s=tokens / max(rollout_time, 1e-9), train_tokens_per_s=tokens * cfg.num_iterations
             / max(train_time, 1e-9), lr=self.scheduler.get_last_lr()[0], max_completion_length=float(max_len),
             weight_sync_s=weight_sync_s,
         )
-        for name, values in batch.reward_components.items():
+        for name, values in stats.components.items():
             metrics[f"reward/{name}"] = values.mean().item()
         self.log(self.step_count, metrics)
         if cfg.log_completions_every and self.step_count % cfg.log_completions_every == 0:
             self.log_completions(self.step_count, [
                 {"prompt": batch.prompts[i], "completion": batch.completions[i], "reward": batch.rewards[i].item(),
-                 "answer": batch.examples[i].get("answer")} for i in range(min(N, G))])
+                 "answer": batch.examples[i].get("answer")} for i in range(min(batch.num_completions, G))])
         return metrics
 
     def _optimise(self, batch: RolloutBatch, advantages: torch.Tensor, mask: torch.Tensor,
@@ -257,6 +272,10 @@ class GRPOTrainer:
             entropy_sum += (entropy * m).sum().item()
             if self.load_tracker is not None:
                 self.load_tracker.collect()
+        # data parallel: this rank's share -> the global batch's gradient, expert loads and sums (no-op on one process)
+        sums, entropy_sum, total_tokens = self.dp.reduce_step(
+            self.model, sums, entropy_sum, mask, token_mean=cfg.loss_type in ("bnpo", "dapo"),
+            load_tracker=self.load_tracker)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
         if torch.isfinite(grad_norm):
             self.optimizer.step()
@@ -273,8 +292,8 @@ class GRPOTrainer:
     @torch.no_grad()
     def evaluate(self, examples: list[dict[str, Any]], max_tokens: int | None = None,
                  progress: bool = False) -> EvalResult:
-        return evaluate(self.llm, self.tokenizer, examples, self.config.template,
-                        max_tokens or self.config.completion_length_at(self.step_count), progress)
+        return evaluate_sharded(self.dp.mesh, self.llm, self.tokenizer, examples, self.config.template,
+                                max_tokens or self.config.completion_length_at(self.step_count), progress)
 
     def train(self, progress: Callable[[int, dict[str, float]], None] | None = None) -> None:
         while self.step_count < self.config.steps:

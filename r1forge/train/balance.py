@@ -58,6 +58,12 @@ class ExpertLoadTracker:
             for acc, c in zip(self._step, counts, strict=True):
                 acc += c
 
+    def zero_step(self) -> None:
+        """Start the step's sums at zero if nothing was collected: a data-parallel rank without tokens of its own
+        this step still joins the reduction of the loads."""
+        if self._step is None:
+            self._step = [torch.zeros(layer.gate.num_experts, dtype=torch.float64) for layer in self.layers]
+
     def step_loads(self) -> list[torch.Tensor] | None:
         """Tokens per expert [E] for each layer, summed over the micro-batches collected since `end_step`."""
         return self._step

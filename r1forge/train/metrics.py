@@ -145,3 +145,19 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+class Silent:
+    """The metrics logger and progress bar of data-parallel ranks other than 0 (rank 0 logs for the run)."""
+
+    def log(self, step: int, record: dict[str, Any]) -> None:
+        pass
+
+    def update(self, steps: int = 1, **postfix: Any) -> None:
+        pass
+
+    def write(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

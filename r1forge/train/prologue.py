@@ -3,6 +3,7 @@ written into it, the seeds, the device.
 
     start = start_run(cfg, resume, device=cfg.train.device, device_key="train.device")
     start.run_dir, start.checkpoint, start.device
+    mesh, start = start_parallel_run(cfg, cfg.parallel, resume, cfg.train.device, "train.device")  # torchrun
 
 A run directory with checkpoints is only continued with `resume` (True / "latest": its newest complete
 checkpoint; "latest-intact": the newest whose checksums verify),
@@ -11,13 +12,17 @@ never silently overwritten; the resolved config goes to `config.yaml` (a fresh r
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from r1forge.parallel.config import ParallelConfig
+from r1forge.parallel.mesh import ParallelMesh, init_parallel
 from r1forge.train.checkpointing import (
     CHECKPOINTS_DIR, clean_staging, latest_checkpoint, newest_intact_checkpoint, resume_mode,
 )
@@ -91,3 +96,21 @@ def start_run(cfg: Any, resume: bool | str, device: str, device_key: str) -> Run
     save_run_config(cfg, run_dir / ("config.yaml" if checkpoint is None else "config.resumed.yaml"))
     seed_everything(cfg.seed)
     return RunStart(run_dir, checkpoint, device_)
+
+
+def start_parallel_run(cfg: Any, parallel: ParallelConfig, resume: bool | str, device: str, device_key: str,
+                       check: Callable[[ParallelMesh], None] | None = None) -> tuple[ParallelMesh, RunStart]:
+    """`start_run` under torchrun: the mesh (1 process without torchrun), then the run's start, which rank 0
+    makes (directory, saved config) and broadcasts; every rank is seeded alike. `check(mesh)` runs before
+    anything is written (a config that does not fit the world size leaves no run directory). Under more than
+    one process `start.device` is this rank's device (`cuda:LOCAL_RANK` under NCCL)."""
+    mesh = init_parallel(parallel)
+    if check is not None:
+        check(mesh)
+    start = start_run(cfg, resume, device=device, device_key=device_key) if mesh.is_main else None
+    start = mesh.broadcast(start)
+    if not mesh.is_main:
+        seed_everything(cfg.seed)
+    if mesh.distributed:
+        start = dataclasses.replace(start, device=mesh.device)
+    return mesh, start

@@ -21,14 +21,14 @@ from r1forge.accounting import check_model_fits
 from r1forge.auto_config import config_from_preset, load_config
 from r1forge.data import Tokenizer, load_tokenizer, train_tokenizer
 from r1forge.model import CausalLM, build_model
-from r1forge.parallel import ParallelMesh, init_parallel, parallelize
+from r1forge.parallel import ParallelMesh, parallelize
 from r1forge.train.checkpointing import resolve_model_dir
 from r1forge.train.config import ModelSection, PretrainRunConfig, SFTRunConfig
 from r1forge.train.data import (
     fixed_batches, make_loader, pretrain_datasets, pretrain_texts, sft_datasets, sft_texts, target_counts,
     unigram_entropy,
 )
-from r1forge.train.prologue import RunStart, seed_everything, start_run
+from r1forge.train.prologue import RunStart, start_parallel_run
 from r1forge.train.trainer import Trainer, TrainResult
 
 
@@ -85,18 +85,17 @@ def build_run_model(section: ModelSection, tokenizer: Tokenizer, device: torch.d
     return model
 
 
+def check_global_batch(batch_size: int, mesh: ParallelMesh, key: str = "train.batch_size") -> None:
+    """The global batch must split evenly over the data-parallel ranks."""
+    if batch_size % mesh.world_size:
+        raise ValueError(f"{key} {batch_size} (the global batch) is not divisible by the {mesh.world_size} "
+                         "data-parallel ranks")
+
+
 def _parallel_prologue(cfg: Any, resume: bool | str) -> tuple[ParallelMesh, RunStart]:
-    """The mesh (1 process without torchrun) and the run's start, which rank 0 makes (directory, config) and
-    broadcasts; every rank is seeded alike."""
-    mesh = init_parallel(cfg.parallel)
-    if cfg.train.batch_size % mesh.world_size:
-        raise ValueError(f"train.batch_size {cfg.train.batch_size} (the global batch) is not divisible by the "
-                         f"{mesh.world_size} data-parallel ranks")
-    start = start_run(cfg, resume, device=cfg.train.device, device_key="train.device") if mesh.is_main else None
-    start = mesh.broadcast(start)
-    if not mesh.is_main:
-        seed_everything(cfg.seed)
-    return mesh, start
+    """The mesh (1 process without torchrun) and the run's start, which rank 0 makes and broadcasts."""
+    return start_parallel_run(cfg, cfg.parallel, resume, cfg.train.device, "train.device",
+                              check=lambda mesh: check_global_batch(cfg.train.batch_size, mesh))
 
 
 def _run(cfg: Any, resume: bool | str, make_data: Any, tokenizer_texts: Any, kind: str) -> TrainResult:

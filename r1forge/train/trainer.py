@@ -38,7 +38,7 @@ from r1forge.train.checkpointing import (
 from r1forge.train.config import LogConfig, TrainConfig
 from r1forge.train.guard import NonFiniteGuard
 from r1forge.train.loss import Batch, CausalLMLoss, TrainingLoss, evaluate_loss
-from r1forge.train.metrics import MetricsLogger, Progress
+from r1forge.train.metrics import MetricsLogger, Progress, Silent
 from r1forge.train.schedule import build_optimizer, build_scheduler
 
 
@@ -109,22 +109,6 @@ def _moe_names(model: nn.Module) -> list[str]:
             else:
                 names.append(name)
     return names
-
-
-class _Silent:
-    """The metrics logger and progress bar of ranks other than 0."""
-
-    def log(self, step: int, record: dict[str, Any]) -> None:
-        pass
-
-    def update(self, steps: int = 1, **postfix: Any) -> None:
-        pass
-
-    def write(self, message: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class Trainer:
@@ -316,8 +300,8 @@ class Trainer:
         """Train to `config.steps`, logging, evaluating and checkpointing on the way."""
         cfg, lcfg = self.config, self.log_config
         main = self.parallel.is_main  # only rank 0 writes metrics and shows progress
-        logger = MetricsLogger(self.run_dir, lcfg.tensorboard, resume_step=self.resumed_from) if main else _Silent()
-        progress = Progress(cfg.steps, self.step, lcfg.progress) if main else _Silent()
+        logger = MetricsLogger(self.run_dir, lcfg.tensorboard, resume_step=self.resumed_from) if main else Silent()
+        progress = Progress(cfg.steps, self.step, lcfg.progress) if main else Silent()
         logger.log(self.step, {"event": "start", "resumed_from": self.resumed_from, **self.run_info})
         status, eval_loss, last_log, reason = "completed", None, time.perf_counter(), ""
         try:
