@@ -3,9 +3,10 @@ issue 17 (micro_batch_size rows at a time, each padded to the batch's longest ro
 every padded position) against the current one (token-budget micro-batches of length-sorted rows, each trimmed to
 its own longest row, the head on completion positions only), on the same rollouts, in one run.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/grpo.py                          # max completion 32, 64, 256
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/grpo.py             # max completion 32, 64, 256
     OMP_NUM_THREADS=1 .venv/bin/python bench/grpo.py --lengths 64 --modes fixed --repeats 3
-    OMP_NUM_THREADS=1 .venv/bin/python bench/grpo.py --profile train --lengths 64   # torch.profiler top ops (train-old, rollout)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/grpo.py --profile train --lengths 64   # torch.profiler's top ops
+        (also --profile train-old: the padded pass; --profile rollout)
 
 The policy is a randomly initialised `small`-shaped DeepSeek model (MLA + MoE; 8.5M parameters, 5.0M active with
 the 4096-token vocabulary), P prompts x G completions per step, prompts the last `--prompt-len` tokens of the
@@ -29,7 +30,12 @@ import torch
 from r1forge import ModelConfig, build_model
 from r1forge.rl.config import GRPOConfig
 from r1forge.rl.grpo_loss import group_advantages, grpo_loss
-from r1forge.rl.rollout import RolloutBatch, token_budget_micro_batches
+from r1forge.rl.rollout import RolloutBatch
+
+try:
+    from r1forge.rl.rollout import token_budget_micro_batches
+except ImportError:  # r1forge before issue 17 on PYTHONPATH: "new" is then that tree's own (padded) pass
+    token_budget_micro_batches = None
 from r1forge.rl.trainer import GRPOTrainer
 
 QUESTIONS = [{"question": f"Compute {a} + {b}.", "answer": str(a + b)} for a in range(1, 9) for b in range(1, 9)]
@@ -56,10 +62,16 @@ def digit_share(prompt: str, completion: str, **example: Any) -> tuple[float, di
     return share, {"digits": share}
 
 
+def stop_ids(max_len: int, vocab_size: int) -> list[int]:
+    """The natural regime's stop tokens: 3 / max_len of the vocabulary (mean length about max_len / 3)."""
+    return list(range(vocab_size - max(1, int(3.0 / max_len * vocab_size)), vocab_size))
+
+
 def build(max_len: int, fixed: bool, prompts: int = 8, generations: int = 8, micro_batch_size: int = 16,
-          preset: str = "small", vocab_size: int = 4096, prompt_len: int = 64, seed: int = 0) -> GRPOTrainer:
+          preset: str = "small", vocab_size: int = 4096, prompt_len: int = 64, seed: int = 0,
+          tokenizer: Any = None) -> GRPOTrainer:
     """A GRPOTrainer over a random `preset` policy whose rollouts end naturally or run to `max_len`."""
-    tok = ByteTokenizer(vocab_size)
+    tok = tokenizer or ByteTokenizer(vocab_size)
     torch.manual_seed(seed)
     config = ModelConfig.from_preset(preset, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                                      num_nextn_predict_layers=0)
@@ -70,10 +82,10 @@ def build(max_len: int, fixed: bool, prompts: int = 8, generations: int = 8, mic
     trainer = GRPOTrainer(model, tok, cfg, digit_share, QUESTIONS)
     llm = trainer.llm
     generate = llm.generate
-    stop_ids = list(range(vocab_size - max(1, int(3.0 / max_len * vocab_size)), vocab_size))
+    stops = stop_ids(max_len, vocab_size)
 
     def patched(prompt_ids, params, *a, **k):  # noqa: ANN001, ANN202
-        change = dict(ignore_eos=True) if fixed else dict(stop_token_ids=stop_ids)
+        change = dict(ignore_eos=True) if fixed else dict(stop_token_ids=stops)
         return generate(prompt_ids, [dataclasses.replace(p, **change) for p in params], *a, **k)
 
     llm.generate = patched
@@ -162,10 +174,11 @@ def main() -> None:
                 if r:  # the first round warms up
                     rollouts.append(rollout_s), olds.append(old_s), news.append(new_s)
                     lengths.append(batch.completion_mask.sum().item() / batch.num_completions)
-            lengths_t = batch.row_lengths()
-            budget = args.micro_batch_size * int(lengths_t.max())
-            mbs_new = len(token_budget_micro_batches(lengths_t, budget))
             mbs_old = -(-batch.num_completions // args.micro_batch_size)
+            mbs_new = mbs_old
+            if token_budget_micro_batches is not None:
+                lengths_t = batch.row_lengths()
+                mbs_new = len(token_budget_micro_batches(lengths_t, args.micro_batch_size * int(lengths_t.max())))
             ro, old, new = (statistics.median(x) for x in (rollouts, olds, news))
             tokens = statistics.mean(lengths) * batch.num_completions
             print(f"{mode:8} {max_len:4d} {statistics.mean(lengths):8.1f} {ro:9.2f} {tokens / ro:7.0f} | "
