@@ -70,23 +70,46 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
     temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
     scaled = logits / temps[:, None]
     logprobs_all = scaled.log_softmax(dim=-1)
-    greedy_rows = torch.tensor([p.greedy for p in params], device=logits.device)
     tokens = scaled.argmax(dim=-1)
-    if not bool(greedy_rows.all()):
-        filtered = filter_logits(
-            scaled,
-            torch.tensor([p.top_k for p in params], device=logits.device),
-            torch.tensor([p.top_p for p in params], device=logits.device),
-            torch.tensor([p.min_p for p in params], device=logits.device),
-        )
-        probs = filtered.softmax(dim=-1)
-        # Exponential race (Gumbel-max in disguise): argmax p / E with E ~ Exp(1) samples from p.
-        noise = torch.empty_like(probs).exponential_()
-        for i, s in enumerate(seqs):
-            if s.generator is not None and not params[i].greedy:
-                noise[i] = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=s.generator)
+    drawn = [i for i, p in enumerate(params) if not p.greedy]  # rows that sample (the others keep the argmax)
+    if drawn:
+        rows = scaled if len(drawn) == len(seqs) else scaled[drawn]  # [S, V]
+        # top-k / top-p / min-p only on the rows that set one: with all three off the filter keeps every token,
+        # so its full-vocabulary sort is skipped
+        filtered = [j for j, i in enumerate(drawn) if params[i].top_k > 0 or params[i].top_p < 1 or params[i].min_p > 0]
+        if filtered:
+            fp = [params[drawn[j]] for j in filtered]
+            kept = filter_logits(
+                rows[filtered],
+                torch.tensor([p.top_k for p in fp], device=logits.device),
+                torch.tensor([p.top_p for p in fp], device=logits.device),
+                torch.tensor([p.min_p for p in fp], device=logits.device),
+            )
+            if len(filtered) == len(drawn):
+                rows = kept
+            else:
+                rows = rows.clone() if rows is scaled else rows
+                rows[filtered] = kept
+        probs = rows.softmax(dim=-1)
+        # Exponential race (Gumbel-max in disguise): argmax p / E with E ~ Exp(1) samples from p. A seeded request
+        # draws its row from its own generator (the same stream whatever else is in the batch); the unseeded rows
+        # draw from the global generator, all in one call.
+        noise = torch.empty_like(probs)
+        unseeded = []
+        for j, i in enumerate(drawn):
+            if seqs[i].generator is not None:
+                noise[j].exponential_(generator=seqs[i].generator)
+            else:
+                unseeded.append(j)
+        if len(unseeded) == len(drawn):
+            noise.exponential_()
+        elif unseeded:
+            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
         sampled = (probs / noise).argmax(dim=-1)
-        tokens = torch.where(greedy_rows, tokens, sampled)
+        if len(drawn) == len(seqs):
+            tokens = sampled
+        else:
+            tokens[drawn] = sampled
     chosen = logprobs_all.gather(1, tokens[:, None]).squeeze(1)
     top: list[dict[int, float] | None] = [None] * len(seqs)
     want_top = [p.logprobs for p in params]

@@ -57,30 +57,27 @@ class AttentionMetadata:
         num_seqs = len(context_lens)
         if not (len(block_tables) == len(query_lens) == num_seqs):
             raise ValueError("block_tables, context_lens and query_lens must have one entry per sequence")
-        max_q, max_s = max(query_lens), max(context_lens)
-        # Python-side construction once per step; the tensors are then shared by every layer.
-        slot_mapping: list[int] = []
-        query_index = torch.zeros(num_seqs, max_q, dtype=torch.long)
-        query_valid = torch.zeros(num_seqs, max_q, dtype=torch.bool)
-        kv_slots = torch.zeros(num_seqs, max_s, dtype=torch.long)
-        context = torch.tensor(context_lens)
-        qlens = torch.tensor(query_lens)
-        start = 0
         for b, (table, ctx, q) in enumerate(zip(block_tables, context_lens, query_lens)):
             if q > ctx:
                 raise ValueError(f"sequence {b}: {q} new tokens but only {ctx} in context")
             if len(table) * block_size < ctx:
                 raise ValueError(f"sequence {b}: block table of {len(table)} blocks cannot hold {ctx} tokens")
-            blocks = torch.tensor(table, dtype=torch.long)
-            pos = torch.arange(ctx)
-            slots = blocks[pos // block_size] * block_size + pos % block_size
-            kv_slots[b, :ctx] = slots
-            slot_mapping.extend(slots[ctx - q:].tolist())
-            query_index[b, :q] = torch.arange(start, start + q)
-            query_valid[b, :q] = True
-            start += q
+        max_q, max_s = max(query_lens), max(context_lens)
+        # Built once per step with tensor ops over all sequences at once (block tables padded to one width);
+        # the tensors are then shared by every layer.
+        width = max(1, max(len(t) for t in block_tables))
+        tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
+        context = torch.tensor(context_lens, dtype=torch.long)
+        qlens = torch.tensor(query_lens, dtype=torch.long)
+        pos = torch.arange(max_s)  # [S]
+        slots = tables[:, pos // block_size] * block_size + pos % block_size  # [B, S]
+        kv_slots = torch.where(pos[None, :] < context[:, None], slots, 0)
+        query_valid = torch.arange(max_q)[None, :] < qlens[:, None]  # [B, Q]
+        first = qlens.cumsum(0) - qlens  # index of each sequence's first new token in the flattened batch
+        query_index = torch.where(query_valid, first[:, None] + torch.arange(max_q)[None, :], 0)
         # Query i of sequence b sits at position ctx_b - q_b + i and sees slots 0..that position.
         q_pos = (context - qlens)[:, None] + torch.arange(max_q)[None, :]  # [B, Q]
+        slot_mapping = kv_slots.gather(1, q_pos.clamp(max=max(max_s - 1, 0)))[query_valid]  # [N], sequence order
         s_pos = torch.arange(max_s)[None, None, :]  # [1, 1, S]
         attn_mask = (s_pos <= q_pos[:, :, None]) & query_valid[:, :, None]  # [B, Q, S]
         # Padded query rows attend one real slot so softmax stays finite; their output is discarded.
@@ -88,7 +85,7 @@ class AttentionMetadata:
         to = dict(device=device)
         return cls(
             kv_caches=kv_caches,
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, **to),
+            slot_mapping=slot_mapping.to(**to),
             query_index=query_index.to(**to),
             query_valid=query_valid.to(**to),
             kv_slots=kv_slots.to(**to),

@@ -49,6 +49,43 @@ class RolloutBatch:
             prompts=pick(self.prompts), completions=pick(self.completions), examples=pick(self.examples),
         )
 
+    def row_lengths(self) -> torch.Tensor:
+        """[N] long: real tokens of each row (prompt + completion), what a forward over it needs."""
+        return self.completion_start + self.completion_mask.ne(0).sum(1)
+
+    def take(self, idx: torch.Tensor) -> "RolloutBatch":
+        """The rows `idx` [n] (in that order), trimmed to their own longest row and longest completion: a
+        micro-batch that carries no padding beyond what its rows need."""
+        lengths = self.row_lengths()[idx]
+        T = max(int(lengths.max()), 1) if len(idx) else 1
+        L = max(int(self.completion_mask[idx].ne(0).sum(1).max()), 1) if len(idx) else 1
+        pick = lambda xs: [xs[i] for i in idx.tolist()]  # noqa: E731
+        return dataclasses.replace(
+            self, input_ids=self.input_ids[idx, :T], completion_start=self.completion_start[idx],
+            completion_ids=self.completion_ids[idx, :L], completion_mask=self.completion_mask[idx, :L],
+            old_logprobs=self.old_logprobs[idx, :L], rewards=self.rewards[idx],
+            reward_components={k: v[idx] for k, v in self.reward_components.items()}, truncated=self.truncated[idx],
+            prompts=pick(self.prompts), completions=pick(self.completions), examples=pick(self.examples),
+        )
+
+
+def token_budget_micro_batches(lengths: torch.Tensor, budget: int) -> list[torch.Tensor]:
+    """Split rows into micro-batches of at most `budget` tokens each, counted as rows x the micro-batch's longest
+    row (what a right-padded forward computes): rows sorted by length, longest first (so the largest micro-batch
+    comes first and a budget too big fails at once), packed greedily; a row longer than the budget goes alone.
+
+    Returns the row indices of each micro-batch (long tensors; every row exactly once).
+    """
+    order = lengths.argsort(descending=True, stable=True)  # stable: a fixed batch gives fixed micro-batches
+    sizes = lengths[order].clamp(min=1).tolist()
+    batches, start = [], 0
+    while start < len(sizes):
+        longest = sizes[start]  # sorted: the first row of a micro-batch is its longest
+        n = max(1, min(len(sizes) - start, budget // longest))
+        batches.append(order[start : start + n])
+        start += n
+    return batches
+
 RewardFn = Callable[..., tuple[float, dict[str, float]]]
 
 
@@ -96,27 +133,85 @@ def generate_rollouts(llm: LLM, prompt_ids: list[list[int]], prompts: list[str],
     )
 
 
+class _TokenLogprobs(torch.autograd.Function):
+    """log softmax(z / tau)[target] and the entropy of softmax(z / tau), row by row, from logits z [n, V].
+
+    Holds one [n, V] tensor, the logits themselves: the float32 softmax is formed a chunk of rows at a time, in
+    the forward for the values and again in the backward for d logp / dz = (onehot - softmax) / tau, which is
+    written over the saved logits (they are this function's alone, see `completion_logprobs`). The entropy is a
+    metric: no gradient flows through it.
+    """
+
+    CHUNK_ELEMENTS = 1 << 22  # float32 temporaries of about 16 MiB
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float):  # noqa: ANN001, ANN205
+        n, V = logits.shape
+        logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+        entropy = torch.empty(n, dtype=torch.float32, device=logits.device)
+        step = max(1, _TokenLogprobs.CHUNK_ELEMENTS // max(V, 1))
+        for s in range(0, n, step):
+            z = logits[s : s + step].float() / temperature  # [c, V]
+            lse = z.logsumexp(-1)  # [c]
+            p = (z - lse[:, None]).exp_()
+            entropy[s : s + step] = lse - (p * z).sum(-1)
+            logp[s : s + step] = z.gather(1, targets[s : s + step, None]).squeeze(1) - lse
+        ctx.save_for_backward(logits, targets)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None):  # noqa: ANN001, ANN205
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("completion logprobs: backward runs once (the logits buffer holds the gradient)")
+        ctx.consumed = True
+        logits, targets = ctx.saved_tensors
+        n, V = logits.shape
+        tau = ctx.temperature
+        g = grad_logp.float() / tau  # [n]
+        step = max(1, _TokenLogprobs.CHUNK_ELEMENTS // max(V, 1))
+        rows = torch.arange(min(step, n), device=logits.device)
+        for s in range(0, n, step):
+            z = logits[s : s + step].float() / tau
+            p = z.softmax(-1).mul_(-g[s : s + step, None])  # -g * softmax
+            p[rows[: p.shape[0]], targets[s : s + step]] += g[s : s + step]  # + g at the target
+            logits[s : s + step] = p  # the gradient replaces the logits in place
+        return logits, None, None
+
+
 def completion_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature: float = 1.0,
                         micro_batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Recompute log pi(o_t | q, o_<t) [N, L] (and per-token entropy [N, L]) with the training forward.
 
     Sequences are right-padded with their own positions from 0, so causal attention never sees padding.
-    Logits are divided by the sampling temperature, as the engine's reported logprobs are.
+    Logits are divided by the sampling temperature, as the engine's reported logprobs are. Rows go through the
+    model in micro-batches of at most `micro_batch_size` x (the longest row) tokens, sorted by length and each
+    trimmed to its own longest row (`token_budget_micro_batches`); the LM head runs on the real completion
+    positions only. Padding positions of the results are 0.
     """
     N, L = batch.completion_ids.shape
-    mb = micro_batch_size or max(N, 1)
-    lps, ents = [], []
-    offsets = torch.arange(L)
-    for s in range(0, N, mb):
-        ids = batch.input_ids[s : s + mb]
-        hidden = model.model(ids)  # [n, T, D]
-        # the hidden state at position start-1+t predicts completion token t; the head runs on those positions only
-        pos = (batch.completion_start[s : s + mb, None] - 1 + offsets[None, :]).clamp(max=ids.shape[1] - 1)
-        picked = hidden.gather(1, pos[:, :, None].expand(-1, -1, hidden.shape[-1]))  # [n, L, D]
-        logp = (model.lm_head(picked).float() / temperature).log_softmax(-1)  # [n, L, V]
-        lps.append(logp.gather(2, batch.completion_ids[s : s + mb, :, None]).squeeze(2))
-        with torch.no_grad():
-            ents.append(-(logp.exp() * logp).sum(-1))
-    if not lps:  # an empty batch (a data-parallel rank whose every group was dropped)
+    if N == 0:  # an empty batch (a data-parallel rank whose every group was dropped)
         return torch.zeros(0, L), torch.zeros(0, L)
-    return torch.cat(lps), torch.cat(ents)
+    lengths = batch.row_lengths()
+    budget = (micro_batch_size or N) * max(int(lengths.max()), 1)
+    logprobs = torch.zeros(N, L)
+    entropy = torch.zeros(N, L)
+    for idx in token_budget_micro_batches(lengths, budget):
+        part = batch.take(idx)
+        lp, ent = _part_logprobs(model, part, temperature)
+        logprobs = logprobs.index_put((idx,), torch.nn.functional.pad(lp, (0, L - lp.shape[1])))
+        entropy[idx, : ent.shape[1]] = ent
+    return logprobs, entropy
+
+
+def _part_logprobs(model: torch.nn.Module, part: RolloutBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """completion_logprobs of one trimmed micro-batch: [n, L_part] each, 0 on padding."""
+    n, L = part.completion_ids.shape
+    hidden = model.hidden_states(part.input_ids)  # [n, T, D]
+    row, t = part.completion_mask.ne(0).nonzero(as_tuple=True)  # the real completion tokens, row-major
+    # the hidden state at position start-1+t predicts completion token t; the head runs on those positions only
+    logits = model.lm_head(hidden[row, part.completion_start[row] - 1 + t])  # [tokens, V]
+    lp, ent = _TokenLogprobs.apply(logits, part.completion_ids[row, t], temperature)
+    zeros = torch.zeros(n, L, dtype=lp.dtype)
+    return zeros.index_put((row, t), lp), zeros.index_put((row, t), ent)

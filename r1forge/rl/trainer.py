@@ -35,7 +35,7 @@ from r1forge.rl.config import GRPOConfig
 from r1forge.rl.evaluate import EvalResult
 from r1forge.rl.grpo_loss import dynamic_sampling_filter, grpo_loss, zero_std_group_fraction
 from r1forge.rl.rewards import CombinedReward, overlong_penalty
-from r1forge.rl.rollout import RolloutBatch, completion_logprobs, generate_rollouts
+from r1forge.rl.rollout import RolloutBatch, completion_logprobs, generate_rollouts, token_budget_micro_batches
 from r1forge.rl.templates import render_prompt
 from r1forge.train.balance import ExpertLoadTracker, update_router_biases
 from r1forge.train.guard import NonFiniteGuard
@@ -250,25 +250,29 @@ class GRPOTrainer:
     def _optimise(self, batch: RolloutBatch, advantages: torch.Tensor, mask: torch.Tensor,
                   ref_logprobs: torch.Tensor | None) -> dict[str, float]:
         cfg = self.config
-        N = batch.num_completions
+        N, L = batch.completion_ids.shape
         total_tokens = mask.sum().clamp(min=1)
-        mb = max(1, cfg.micro_batch_size)
+        # Micro-batches of at most micro_batch_size x (the longest row) tokens, the padded size the rows would
+        # have as micro_batch_size-row slices: rows sorted by length, each micro-batch trimmed to its own longest
+        # row (no forward, attention or head on padding). The loss and its gradient do not depend on the split.
+        budget = max(1, cfg.micro_batch_size) * max(int(batch.row_lengths().max()), 1)
         sums: dict[str, float] = {}
         entropy_sum = 0.0
         self.optimizer.zero_grad(set_to_none=True)
-        for s in range(0, N, mb):
-            part = batch.select(torch.zeros(N, dtype=torch.bool).index_fill_(0, torch.arange(s, min(s + mb, N)), True))
-            m = mask[s : s + mb]
+        for idx in token_budget_micro_batches(batch.row_lengths(), budget):
+            part = batch.take(idx)  # [n, T_part], completions [n, L_part]
+            m = mask[idx, : part.completion_ids.shape[1]]
             logprobs, entropy = completion_logprobs(self.model, part, cfg.temperature)
-            ref = None if ref_logprobs is None else ref_logprobs[s : s + mb]
-            loss, info = grpo_loss(logprobs, part.old_logprobs, advantages[s : s + mb], m, ref_logprobs=ref,
+            ref = None if ref_logprobs is None else ref_logprobs[idx, : m.shape[1]]
+            loss, info = grpo_loss(logprobs, part.old_logprobs, advantages[idx], m, ref_logprobs=ref,
                                    beta=cfg.beta, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
-                                   loss_type=cfg.loss_type, max_completion_length=m.shape[1])
-            weight = m.sum() / total_tokens if cfg.loss_type in ("bnpo", "dapo") else torch.tensor(part.num_completions / N)
+                                   loss_type=cfg.loss_type, max_completion_length=L)  # dr_grpo: the batch's L
+            token_share = m.sum() / total_tokens
+            weight = token_share if cfg.loss_type in ("bnpo", "dapo") else torch.tensor(part.num_completions / N)
             (loss * weight).backward()
             sums["loss"] = sums.get("loss", 0.0) + (loss * weight).item()
-            for k, v in info.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * weight.item()
+            for k, v in info.items():  # token means over the micro-batch -> token means over the batch
+                sums[k] = sums.get(k, 0.0) + float(v) * token_share.item()
             entropy_sum += (entropy * m).sum().item()
             if self.load_tracker is not None:
                 self.load_tracker.collect()

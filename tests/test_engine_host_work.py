@@ -1,0 +1,165 @@
+"""The engine's per-step host work after issue 17 gives what it gave before.
+
+- The sampler's fast paths (no filter pass when top-k/top-p/min-p are off, noise drawn only for the rows that
+  sample, seeded rows from their own generators into one buffer): the same tokens and logprobs for the same
+  per-request seeds as `_reference_sample`, the sampler as it was.
+- `AttentionMetadata.build` with tensor ops over all sequences: the same tensors as `_reference_build`, the
+  per-sequence loop it replaced.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from r1forge.engine.sampler import apply_penalties, filter_logits, sample
+from r1forge.engine.sampling_params import SamplingParams
+from r1forge.engine.sequence import Sequence
+from r1forge.model.attention_metadata import AttentionMetadata
+
+
+def _reference_sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
+    logits = logits.float()
+    params = [s.params for s in seqs]
+    for i, s in enumerate(seqs):
+        if s.num_output_tokens < s.params.min_tokens:
+            stop_ids = list(s.params.stop_token_ids) + ([s.eos_token_id] if s.eos_token_id is not None else [])
+            if stop_ids:
+                logits[i, stop_ids] = float("-inf")
+    if any(p.uses_penalties for p in params):
+        logits = apply_penalties(logits, seqs)
+    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params])
+    scaled = logits / temps[:, None]
+    logprobs_all = scaled.log_softmax(dim=-1)
+    greedy_rows = torch.tensor([p.greedy for p in params])
+    tokens = scaled.argmax(dim=-1)
+    if not bool(greedy_rows.all()):
+        filtered = filter_logits(scaled, torch.tensor([p.top_k for p in params]),
+                                 torch.tensor([p.top_p for p in params]), torch.tensor([p.min_p for p in params]))
+        probs = filtered.softmax(dim=-1)
+        noise = torch.empty_like(probs).exponential_()
+        for i, s in enumerate(seqs):
+            if s.generator is not None and not params[i].greedy:
+                noise[i] = torch.empty(probs.shape[1]).exponential_(generator=s.generator)
+        tokens = torch.where(greedy_rows, tokens, (probs / noise).argmax(dim=-1))
+    return tokens.tolist(), logprobs_all.gather(1, tokens[:, None]).squeeze(1).tolist()
+
+
+def _params(rng: random.Random, seed: int) -> SamplingParams:
+    kind = rng.choice(["greedy", "plain", "plain", "top_k", "top_p", "min_p", "all", "penalty"])
+    p = SamplingParams(temperature=0.0 if kind == "greedy" else rng.choice([0.7, 1.0, 1.3]), seed=seed, max_tokens=8)
+    if kind in ("top_k", "all"):
+        p.top_k = rng.choice([1, 5, 40])
+    if kind in ("top_p", "all"):
+        p.top_p = rng.choice([0.5, 0.9])
+    if kind in ("min_p", "all"):
+        p.min_p = 0.05
+    if kind == "penalty":
+        p.repetition_penalty, p.frequency_penalty = 1.2, 0.3
+    return p
+
+
+def _seqs(params: list[SamplingParams], vocab: int) -> list[Sequence]:
+    seqs = []
+    for i, p in enumerate(params):
+        g = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
+        s = Sequence(f"r{i}", 0, [3, 4, 5 + i], p, 0.0, g)
+        s.token_ids += [7, (11 * i) % vocab]
+        s.eos_token_id = 2
+        seqs.append(s)
+    return seqs
+
+
+@pytest.mark.parametrize("mix", ["every kind", "plain only", "filters only"])
+def test_seeded_rows_sample_what_the_reference_sampler_sampled(mix: str) -> None:
+    """Ten steps of a batch of 12 seeded requests (greedy, plain, filtered, penalised, mixed): every token and
+    logprob equals the reference's, drawn from twin generators."""
+    rng = random.Random(0)
+    vocab = 300
+    params = [_params(rng, seed=1000 + i) for i in range(12)]
+    if mix == "plain only":
+        params = [SamplingParams(temperature=1.0, seed=1000 + i, max_tokens=8) for i in range(12)]
+    elif mix == "filters only":
+        params = [SamplingParams(temperature=0.9, top_p=0.8, top_k=50, seed=1000 + i, max_tokens=8) for i in range(12)]
+    ours, theirs = _seqs(params, vocab), _seqs(params, vocab)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(10):
+        logits = torch.randn(len(params), vocab, generator=g) * 3
+        got = sample(logits.clone(), ours)
+        want_tokens, want_logprobs = _reference_sample(logits.clone(), theirs)
+        assert got.token_ids == want_tokens
+        assert got.logprobs == pytest.approx(want_logprobs, abs=1e-6)
+        for a, b, t in zip(ours, theirs, want_tokens):
+            a.token_ids.append(t)
+            b.token_ids.append(t)
+
+
+def test_unseeded_rows_still_follow_the_distribution() -> None:
+    """Unseeded sampled rows beside greedy and seeded ones: their tokens are drawn from softmax(logits / T)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(3, 1)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=3), SamplingParams(temperature=1.0)]
+    counts = torch.zeros(4)
+    torch.manual_seed(0)
+    for _ in range(4000):
+        result = sample(logits.clone(), _seqs(params, 4))
+        assert result.token_ids[0] == 0
+        counts[result.token_ids[2]] += 1
+    assert torch.allclose(counts / counts.sum(), logits[0].softmax(-1), atol=0.03)
+
+
+def _reference_build(block_tables: list[list[int]], context_lens: list[int], query_lens: list[int],
+                     block_size: int) -> dict[str, torch.Tensor]:
+    num_seqs = len(context_lens)
+    max_q, max_s = max(query_lens), max(context_lens)
+    slot_mapping: list[int] = []
+    query_index = torch.zeros(num_seqs, max_q, dtype=torch.long)
+    query_valid = torch.zeros(num_seqs, max_q, dtype=torch.bool)
+    kv_slots = torch.zeros(num_seqs, max_s, dtype=torch.long)
+    start = 0
+    for b, (table, ctx, q) in enumerate(zip(block_tables, context_lens, query_lens)):
+        blocks = torch.tensor(table, dtype=torch.long)
+        pos = torch.arange(ctx)
+        slots = blocks[pos // block_size] * block_size + pos % block_size
+        kv_slots[b, :ctx] = slots
+        slot_mapping.extend(slots[ctx - q:].tolist())
+        query_index[b, :q] = torch.arange(start, start + q)
+        query_valid[b, :q] = True
+        start += q
+    q_pos = (torch.tensor(context_lens) - torch.tensor(query_lens))[:, None] + torch.arange(max_q)[None, :]
+    attn_mask = (torch.arange(max_s)[None, None, :] <= q_pos[:, :, None]) & query_valid[:, :, None]
+    attn_mask[:, :, 0] |= ~query_valid
+    return dict(slot_mapping=torch.tensor(slot_mapping, dtype=torch.long), query_index=query_index,
+                query_valid=query_valid, kv_slots=kv_slots, attn_mask=attn_mask)
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_attention_metadata_equals_the_per_sequence_construction(case: int) -> None:
+    """Decodes, prefills, chunked prefills and mixes over shuffled blocks (tables of different lengths, some
+    with spare blocks): every index tensor and the mask are equal to the loop's."""
+    rng = random.Random(case)
+    block_size = rng.choice([1, 4, 16])
+    num_seqs = rng.randint(1, 9)
+    pool = list(range(1000))
+    rng.shuffle(pool)
+    tables, contexts, queries = [], [], []
+    for _ in range(num_seqs):
+        ctx = rng.randint(1, 70)
+        q = 1 if case == 0 else rng.choice([1, ctx, rng.randint(1, ctx)])
+        n_blocks = -(-ctx // block_size) + rng.choice([0, 0, 1])
+        tables.append([pool.pop() for _ in range(n_blocks)])
+        contexts.append(ctx)
+        queries.append(q)
+    got = AttentionMetadata.build([], tables, contexts, queries, block_size, "cpu")
+    want = _reference_build(tables, contexts, queries, block_size)
+    for name, tensor in want.items():
+        assert torch.equal(getattr(got, name), tensor), name
+    assert got.decode == (max(queries) == 1)
+
+
+def test_attention_metadata_refuses_bad_lengths() -> None:
+    with pytest.raises(ValueError, match="sequence 1: 3 new tokens but only 2"):
+        AttentionMetadata.build([], [[0], [1]], [1, 2], [1, 3], 4, "cpu")
+    with pytest.raises(ValueError, match="sequence 0: block table of 1 blocks cannot hold 5"):
+        AttentionMetadata.build([], [[0]], [5], [1], 4, "cpu")
