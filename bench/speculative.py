@@ -24,36 +24,32 @@ from r1forge import LLM, SamplingParams
 
 
 def _train(work: Path, pretrain_steps: int, sft_steps: int) -> dict[str, Path]:
-    """The demo's pretrain recipe (shortened) and a short SFT with MTP kept trained; cached in `work`."""
-    from r1forge.demo import PRETRAIN, SFT
+    """The demo's pretrain stage (shortened) and a short SFT with MTP kept trained; cached in `work`."""
+    from r1forge.demo import stage_configs
     from r1forge.train import run_pretrain, run_sft
     from r1forge.train.checkpointing import resolve_model_dir
-    from r1forge.train.config import PretrainRunConfig, SFTRunConfig, config_from_dict
 
+    configs = stage_configs(work, {
+        "pretrain": ["--train.steps", str(pretrain_steps), "--train.warmup_steps", str(min(30, pretrain_steps // 10)),
+                     "--log.eval_every", "0", "--log.save_every", "50", "--log.progress", "false"],
+        "sft": ["--train.steps", str(sft_steps), "--model.mtp", "true", "--train.mtp_lambda", "0.1"]})
     pre_dir, sft_dir = work / "pretrain", work / "sft"
     if not (pre_dir / "DONE").exists():
-        cfg = {**PRETRAIN, "run_dir": str(pre_dir),
-               "train": {**PRETRAIN["train"], "steps": pretrain_steps, "warmup_steps": min(30, pretrain_steps // 10)},
-               "log": {**PRETRAIN["log"], "eval_every": 0, "save_every": 50, "progress": False}}
-        run_pretrain(config_from_dict(PretrainRunConfig, cfg))
+        run_pretrain(configs["pretrain"])
         (pre_dir / "DONE").touch()
     if not (sft_dir / "DONE").exists():
-        cfg = {**SFT, "run_dir": str(sft_dir), "model": {"mtp": True, "init_from": str(pre_dir)},
-               "train": {**SFT["train"], "steps": sft_steps, "mtp_lambda": 0.1}}
-        run_sft(config_from_dict(SFTRunConfig, cfg))
+        run_sft(configs["sft"])
         (sft_dir / "DONE").touch()
     return {"pretrained": resolve_model_dir(pre_dir), "sft (MTP trained)": resolve_model_dir(sft_dir)}
 
 
 def _prompts(llm: LLM, count: int, template: str) -> list[list[int]]:
-    from r1forge.demo import GRPO
+    from r1forge.demo import stage_configs
     from r1forge.rl.examples import train_and_held_out
-    from r1forge.rl.config import GRPORunConfig
     from r1forge.rl.templates import render_prompt
-    from r1forge.train.config import config_from_dict
 
-    data = config_from_dict(GRPORunConfig, GRPO).data
-    _, held_out = train_and_held_out(data, 0)
+    grpo = stage_configs("runs/unused")["grpo"]
+    _, held_out = train_and_held_out(grpo.data, grpo.seed)
     return [render_prompt(llm.tokenizer, ex["question"], template)[1] for ex in held_out[:count]]
 
 

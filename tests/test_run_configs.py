@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from r1forge.config import ModelConfig
-from r1forge.demo import STAGE_FILES, stage_configs
+from r1forge.demo import stage_configs
+from r1forge.demo.recipes import STAGE_FILES
 from r1forge.distill.config import DistillRunConfig
 from r1forge.rl.config import GRPORunConfig
 from r1forge.rl.examples import train_and_held_out
@@ -86,26 +87,38 @@ def test_the_prologue_saves_the_config_and_refuses_to_overwrite(tmp_path: Path) 
 
 
 def test_the_demos_stages_are_the_shipped_configs(tmp_path: Path) -> None:
-    pretrain, sft, grpo = stage_configs(tmp_path)
-    for cfg, name in zip((pretrain, sft, grpo), STAGE_FILES.values()):
-        shipped = load_run_config(type(cfg), ROOT / "configs" / name)
+    configs = stage_configs(tmp_path)
+    assert set(configs) == set(STAGE_FILES)
+    for stage, (name, cls) in STAGE_FILES.items():
+        cfg = configs[stage]
+        shipped = load_run_config(cls, ROOT / "configs" / name)
         ours, theirs = dataclasses.asdict(cfg), dataclasses.asdict(shipped)
         for d in (ours, theirs):  # what the demo adds: where the stages go, their chain, the CPU
-            d.pop("run_dir"), d["model"].pop("init_from")
+            d.pop("run_dir"), d.pop("teacher", None)
+            for section in ("model", "student"):
+                if section in d:
+                    d[section].pop("init_from")
             d.pop("device", None), d.get("train", {}).pop("device", None)
-        assert ours == theirs, name
+            d.get("data", {}).pop("tokenizer", None)
+            if stage == "student_grpo":  # the RL-alone arm: evaluated only at the end, its CPU time set by the demo
+                for key in ("eval_every", "eval_before", "plots"):
+                    d["log"].pop(key)
+        assert ours == theirs, stage
+    pretrain, sft, grpo = configs["pretrain"], configs["sft"], configs["grpo"]
     assert pretrain.train.device == sft.train.device == grpo.device == "cpu"
     assert sft.model.init_from == str(tmp_path / "pretrain") and grpo.model.init_from == str(tmp_path / "sft")
     # the values behind `make demo`'s table (a change here changes the table)
     assert (pretrain.train.steps, pretrain.train.lr, pretrain.log.log_every, pretrain.log.eval_every,
-            pretrain.log.eval_batches) == (1500, 3e-3, 25, 500, 10)
-    assert (sft.train.steps, sft.train.warmup_steps, sft.log.eval_every, sft.log.eval_batches) == (60, 10, 0, 5)
-    assert (grpo.grpo.steps, grpo.grpo.learning_rate, grpo.grpo.loss_type, grpo.rewards) == (
-        120, 5e-5, "dapo", {"accuracy": 1.0, "format": 0.25})
+            pretrain.log.eval_batches, pretrain.data.tagged_fraction) == (1200, 3e-3, 25, 500, 10, 0.1)
+    assert (sft.train.steps, sft.train.warmup_steps, sft.log.eval_every, sft.log.eval_batches,
+            sft.data.shown_steps_fraction) == (100, 10, 0, 5, 0.4)
+    assert (grpo.grpo.steps, grpo.grpo.learning_rate, grpo.grpo.loss_type, grpo.grpo.temperature, grpo.rewards) == (
+        100, 5e-5, "dapo", 0.7, {"accuracy": 1.0, "format": 0.25})
+    assert (grpo.data.min_steps, grpo.data.max_steps, grpo.data.max_result) == (1, 4, 99)
 
 
 def test_the_demo_model_is_the_named_preset() -> None:
-    pretrain, _, _ = stage_configs("out")
+    pretrain = stage_configs("out")["pretrain"]
     assert (pretrain.model.preset, pretrain.model.overrides) == ("tiny-demo", {})
     shape = ModelConfig.from_preset("tiny-demo")
     assert shape == ModelConfig.from_preset("tiny", hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
