@@ -179,9 +179,7 @@ class SFTDataConfig(ProblemSet):
     max_len: int = 256  # longest conversation (or packed row) in tokens
     skip_malformed: bool = False  # skip (and count) malformed JSONL lines instead of stopping at the first one
     packing: bool = False  # pack conversations into rows of max_len
-    # built-in conversations: the share that writes the steps out in <think>; the rest answer tersely (empty
-    # reasoning), chosen per problem independently of its difficulty (r1forge.data.synthetic.shows_steps)
-    shown_steps_fraction: float = 1.0
+    shown_steps_fraction: float = 1.0  # built-in conversations writing the steps out (the rest: terse, empty reasoning)
 
     def validate(self, prefix: str = "data") -> None:
         super().validate(prefix)
