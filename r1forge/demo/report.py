@@ -105,12 +105,12 @@ def print_distillation(report: dict[str, Any]) -> None:
     t, d, r = report["teacher"], report["distilled"], report["rl_alone"]
     n = t["problems"]
     print(f"\ndistillation (DeepSeek-R1 section 4.1): greedy accuracy on the same {n} held-out problems")
-    print(f"  {'teacher, R1 recipe (' + report['teacher_arch'] + ')':58s}{t['accuracy']:.3f}")
-    print(f"  {'student base (' + report['student_arch'] + '), pretrained only':58s}"
+    print(f"  {'teacher, R1 recipe (' + report['teacher_arch'] + ')':62s}{t['accuracy']:.3f}")
+    print(f"  {'student base (' + report['student_arch'] + '), pretrained only':62s}"
           f"{report['student_base']['accuracy']:.3f}")
-    print(f"  {'student distilled from the teacher (' + format(report['distill_seconds'], '.0f') + ' s)':58s}"
+    print(f"  {'student distilled from the teacher (' + format(report['distill_seconds'], '.0f') + ' s)':62s}"
           f"{d['accuracy']:.3f}")
-    print(f"  {'same student, cold start + GRPO alone (' + format(report['rl_seconds'], '.0f') + ' s)':58s}"
+    print(f"  {'same student, cold start + GRPO alone (' + format(report['rl_seconds'], '.0f') + ' s)':62s}"
           f"{r['accuracy']:.3f}")
     gain, se, z = report["distill_minus_rl"]
     verdict = "holds here" if z >= 2 else ("is reversed here" if z <= -2 else "is within noise here")
