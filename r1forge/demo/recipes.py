@@ -169,13 +169,9 @@ def run_demo(out_dir: str | Path = "runs/demo", recipe: str = "r1", grpo_steps: 
 
     banner(f"{stage + 2}/{n} evaluation after RL on the same held-out problems")
 
-    def evaluate_after() -> dict[str, Any]:
-        record = evaluate_checkpoint(resolve_model_dir(out / (prefix + "grpo")),
-                                     held_out, max_tokens, template, k_problems, temperature,
-                                     greedy=as_eval_result(after_greedy["record"]) if after_greedy else None)
-        return record
-
-    after = cache.record(prefix + "eval_after.json", evaluate_after)
+    after = cache.record(prefix + "eval_after.json", lambda: evaluate_checkpoint(
+        resolve_model_dir(out / (prefix + "grpo")), held_out, max_tokens, template, k_problems, temperature,
+        greedy=as_eval_result(after_greedy["record"]) if after_greedy else None))
     labels = ("after SFT", "after GRPO") if recipe == "r1" else ("base", "after GRPO")
     summary: dict[str, Any] = {"recipe": recipe}
     summary.update(print_before_after(before, after, held_out, grpo_done["steps"], labels))
@@ -191,8 +187,7 @@ def run_demo(out_dir: str | Path = "runs/demo", recipe: str = "r1", grpo_steps: 
     if recipe == "r1" and distill:
         banner(f"6/{n} distillation: the RL-trained teacher into a small dense student, against RL alone")
         _check_same_held_out(configs, held_out)
-        teacher_eval = {k: v for k, v in after.items()}
-        report = run_distillation(cache, configs, held_out, max_tokens, teacher_eval)
+        report = run_distillation(cache, configs, held_out, max_tokens, teacher_eval=after)
         print_distillation(report)
         summary["distillation"] = {k: ({k2: v2 for k2, v2 in v.items() if not isinstance(v2, list)}
                                        if isinstance(v, dict) else v) for k, v in report.items()}

@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from r1forge.demo.evaluation import PASS_AT_K
+from r1forge.rl.evaluate import EvalResult, by_difficulty
 
 
 def paired_gain(after: list[bool], before: list[bool]) -> tuple[float, float, float]:
@@ -23,13 +24,11 @@ def paired_gain(after: list[bool], before: list[bool]) -> tuple[float, float, fl
 
 
 def difficulty_rows(record: dict[str, Any], examples: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
-    """{steps: {problems, accuracy, length}} of a cached evaluation."""
-    groups: dict[int, list[int]] = {}
-    for i, ex in enumerate(examples):
-        groups.setdefault(int(ex.get("steps", 0)), []).append(i)
-    return {level: {"problems": len(idx), "accuracy": sum(record["correct"][i] for i in idx) / len(idx),
-                    "length": sum(record["lengths"][i] for i in idx) / len(idx)}
-            for level, idx in sorted(groups.items())}
+    """{steps: {problems, accuracy, length}} of a cached evaluation (r1forge.rl.evaluate.by_difficulty's rows)."""
+    result = EvalResult(0.0, 0.0, 0.0, len(examples), [], record["correct"], record["lengths"],
+                        record.get("formatted", []))
+    return {int(row.difficulty): {"problems": row.problems, "accuracy": row.accuracy, "length": row.mean_length}
+            for row in by_difficulty(result, examples)}
 
 
 def hard_problem_summary(before: dict[str, Any], after: dict[str, Any], examples: list[dict[str, Any]],
