@@ -3,6 +3,13 @@
     .venv/bin/python bench/train.py                                   # tiny preset, CPU, fp32
     .venv/bin/python bench/train.py --preset small --seq-len 256 --batch-size 8
     .venv/bin/python bench/train.py --preset small --device cuda --batch-size 32 --seq-len 1024   # bf16 autocast
+    .venv/bin/python bench/train.py --compare-transformers --threads 1 2      # against transformers, same weights
+
+With `--compare-transformers` the same weights also train in transformers (`save_pretrained`, then its
+`AutoModelForCausalLM`): the same batches, next-token cross-entropy over the same targets, backward, gradient
+clipping and the same AdamW (decay on matrices only), steps of the two interleaved so that both see the same
+machine load; MTP is off on both sides (transformers does not train it). It prints both medians and their ratio
+at each `--threads` count.
 
 Times full optimizer steps of `Trainer.train_step` (forward, MTP, backward, clipping, AdamW, router-bias update)
 on random tokens, after `--warmup` untimed steps, and prints the median step time and tokens/s.
@@ -20,6 +27,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -84,8 +92,48 @@ def main() -> None:
     p.add_argument("--no-mtp", action="store_true", help="train without the MTP module")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
+    p.add_argument("--compare-transformers", action="store_true",
+                   help="also train the same weights with transformers, interleaved, and print the ratio")
+    p.add_argument("--threads", type=int, nargs="+", default=None, help="torch thread counts to run at (CPU)")
     args = p.parse_args()
+    if args.compare_transformers:
+        args.no_mtp = True
+    for threads in args.threads or [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        run(args)
 
+
+def transformers_step(model: torch.nn.Module, data: RandomTokens, args: argparse.Namespace,
+                      device: torch.device) -> Callable[[int], None]:
+    """One training step of `model`'s weights in transformers: forward, the same cross-entropy, backward,
+    clipping, AdamW; returned as a function of the step index (which batch to train on)."""
+    import transformers
+
+    from r1forge.train.schedule import build_optimizer
+
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(device)
+    hf.train()
+    optimizer = build_optimizer(hf, lr=3e-4)
+    rows = args.batch_size * args.grad_accum
+
+    def step(i: int) -> None:
+        for j in range(args.grad_accum):
+            start = i * rows + j * args.batch_size
+            ids = data.ids[start : start + args.batch_size].to(device)
+            logits = hf(input_ids=ids[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+            (loss / args.grad_accum).backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run(args: argparse.Namespace) -> None:
+    """Times the r1forge trainer (and, with --compare-transformers, transformers) at the current thread count."""
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
@@ -98,18 +146,26 @@ def main() -> None:
                         warmup_steps=1, mtp_lambda=0.3 if mtp else 0.0,
                         activation_checkpointing=args.activation_checkpointing)
     log = LogConfig(progress=False, tensorboard=False)
+    theirs = transformers_step(model, data, args, device) if args.compare_transformers else None
+
+    def timed(fn: Callable[[], object]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t
+
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(model, StatefulLoader(data, args.batch_size, seed=0), train, log, run_dir)
-        times = []
+        times, their_times = [], []
         for i in range(args.steps + args.warmup):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t = time.perf_counter()
-            trainer.train_step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            ours = timed(trainer.train_step)
+            their = timed(lambda: theirs(i)) if theirs else 0.0  # noqa: B023 (called at once)
             if i >= args.warmup:
-                times.append(time.perf_counter() - t)
+                times.append(ours)
+                their_times.append(their)
     step_time = statistics.median(times)
     tokens = args.batch_size * args.grad_accum * args.seq_len
     tokens_per_s = tokens / step_time
@@ -127,6 +183,10 @@ def main() -> None:
     if peak:
         line += f", MFU {100 * flops / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s"
     print(line)
+    if theirs:
+        their_step = statistics.median(their_times)
+        print(f"transformers: median step {their_step * 1e3:.1f} ms, {tokens / their_step:,.0f} training tokens/s; "
+              f"r1forge {their_step / step_time:.2f}x transformers (steps interleaved, same batches)")
 
 
 if __name__ == "__main__":

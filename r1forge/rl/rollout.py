@@ -212,6 +212,8 @@ def _part_logprobs(model: torch.nn.Module, part: RolloutBatch, temperature: floa
     row, t = part.completion_mask.ne(0).nonzero(as_tuple=True)  # the real completion tokens, row-major
     # the hidden state at position start-1+t predicts completion token t; the head runs on those positions only
     logits = model.lm_head(hidden[row, part.completion_start[row] - 1 + t])  # [tokens, V]
+    if logits._base is not None:  # a head that returns a view: the backward overwrites its buffer, so own it
+        logits = logits.clone()
     lp, ent = _TokenLogprobs.apply(logits, part.completion_ids[row, t], temperature)
     zeros = torch.zeros(n, L, dtype=lp.dtype)
     return zeros.index_put((row, t), lp), zeros.index_put((row, t), ent)

@@ -1,0 +1,114 @@
+"""GRPO with and without speculative rollouts: the same run twice, side by side.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/grpo_speculative.py                    # 40 steps, k = 1
+    OMP_NUM_THREADS=1 .venv/bin/python bench/grpo_speculative.py --steps 60 --k 2 --pretrained runs/demo/pretrain
+
+Speculation is lossless: the rollouts' tokens are drawn from the policy's own distribution whether or not MTP
+drafts them, so the reward curve may differ only by sampling noise (the random draws differ: rejection sampling
+consumes its random numbers differently from plain sampling). This bench checks that on the demo's task and
+prints what speculation buys in rollout tokens/s.
+
+The policy is the demo's: its pretrained model (`--pretrained`, default runs/demo/pretrain as `r1forge demo`
+writes it; trained here with the demo's recipe when missing), cold-started by the demo's SFT stage with the MTP
+module kept trained (`model.mtp true`, `mtp_lambda 0.1`, as `r1forge sft` does by default, so that the chat-tuned
+model still drafts well). Both GRPO runs then use the demo's GRPO config from that checkpoint with the same seeds,
+one with `grpo.rollout_speculative_tokens k`. Printed: reward per step (means over blocks of steps), the two runs'
+mean reward and its paired standard error, rollout tokens/s, acceptance, and greedy held-out accuracy after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def _pretrained(work: Path, given: Path | None) -> Path:
+    """The demo's pretrained model: `given`, or trained into `work` with the demo's own pretraining config."""
+    from r1forge.demo import stage_configs
+    from r1forge.train import run_pretrain
+
+    if given is not None:
+        return given
+    out = work / "pretrain"
+    if not (out / "DONE.json").exists():
+        run_pretrain(stage_configs(work)["pretrain"])
+        (out / "DONE.json").write_text("{}")
+    return out
+
+
+def _sft(work: Path, pretrained: Path) -> Path:
+    from r1forge.demo import stage_configs
+    from r1forge.train import run_sft
+
+    out = work / "sft-mtp"
+    if not (out / "DONE.json").exists():
+        cfg = stage_configs(work, {"sft": ["--model.init_from", str(pretrained), "--run_dir", str(out),
+                                           "--model.mtp", "true", "--train.mtp_lambda", "0.1"]})["sft"]
+        run_sft(cfg)
+        (out / "DONE.json").write_text("{}")
+    return out
+
+
+def _grpo(work: Path, sft: Path, steps: int, k: int, eval_problems: int) -> tuple[list[dict[str, Any]], float]:
+    """One GRPO run from `sft`; its per-step metrics and its greedy held-out accuracy after."""
+    from r1forge.demo import stage_configs
+    from r1forge.rl.run import run_grpo
+
+    out = work / f"grpo-k{k}"
+    cfg = stage_configs(work, {"grpo": [
+        "--run_dir", str(out), "--model.init_from", str(sft), "--model.mtp", "true", "--grpo.steps", str(steps),
+        "--grpo.rollout_speculative_tokens", str(k), "--log.eval_every", "0", "--log.eval_before", "false",
+        "--log.eval_problems", str(eval_problems), "--log.plots", "false", "--log.save_every", "0",
+        "--grpo.log_completions_every", "0"]})["grpo"]
+    result = run_grpo(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "reward_mean" in r]
+    return rows, result.after.accuracy if result.after is not None else math.nan
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work-dir", default="runs/bench_grpo_speculative")
+    ap.add_argument("--pretrained", type=Path, default=None,
+                    help="the demo's pretrained model (default: runs/demo/pretrain if there, else trained here)")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--k", type=int, default=1, help="num_speculative_tokens of the speculative run")
+    ap.add_argument("--block", type=int, default=10, help="steps per printed row")
+    ap.add_argument("--eval-problems", type=int, default=300)
+    args = ap.parse_args()
+    work = Path(args.work_dir)
+    given = args.pretrained or (Path("runs/demo/pretrain") if (Path("runs/demo/pretrain") / "DONE.json").exists()
+                                else None)
+    sft = _sft(work, _pretrained(work, given))
+    plain, plain_acc = _grpo(work, sft, args.steps, 0, args.eval_problems)
+    spec, spec_acc = _grpo(work, sft, args.steps, args.k, args.eval_problems)
+    n = min(len(plain), len(spec))
+
+    def mean(rows: list[dict[str, Any]], key: str) -> float:
+        return statistics.fmean(r[key] for r in rows)
+
+    print(f"\nGRPO from {sft}: {n} steps each, plain rollouts vs speculative (MTP, k={args.k}), same seeds")
+    print(f"{'steps':>9} | {'reward plain':>12} {'spec':>7} | {'rollout tok/s plain':>19} {'spec':>7} {'x':>5} | "
+          f"{'accept':>6} {'len/verify':>10}")
+    for start in range(0, n, args.block):
+        a, b = plain[start : start + args.block], spec[start : start + args.block]
+        tp, ts = mean(a, "rollout_tokens_per_s"), mean(b, "rollout_tokens_per_s")
+        print(f"{start + 1:>4}-{start + len(a):<4} | {mean(a, 'reward_mean'):12.3f} {mean(b, 'reward_mean'):7.3f} | "
+              f"{tp:19.1f} {ts:7.1f} {ts / tp:5.2f} | {mean(b, 'rollout/spec_acceptance_rate'):6.2f} "
+              f"{mean(b, 'rollout/spec_mean_accepted_length'):10.2f}")
+    diffs = [s["reward_mean"] - p["reward_mean"] for p, s in zip(plain[:n], spec[:n])]
+    se = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else math.nan
+    tp, ts = mean(plain[:n], "rollout_tokens_per_s"), mean(spec[:n], "rollout_tokens_per_s")
+    print(f"mean reward: plain {mean(plain[:n], 'reward_mean'):.4f}, speculative {mean(spec[:n], 'reward_mean'):.4f}; "
+          f"difference {statistics.fmean(diffs):+.4f} (paired SE over steps {se:.4f}, "
+          f"{statistics.fmean(diffs) / se if se else math.nan:+.1f} SE)")
+    print(f"rollout tokens/s: plain {tp:.1f}, speculative {ts:.1f} ({ts / tp:.2f}x); greedy held-out accuracy after: "
+          f"plain {plain_acc:.3f}, speculative {spec_acc:.3f} ({args.eval_problems} problems)")
+
+
+if __name__ == "__main__":
+    main()
