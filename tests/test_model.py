@@ -349,3 +349,46 @@ def test_sequence_aux_loss_is_positive_differentiable_and_matches_formula():
     model.eval()
     model(torch.randint(0, 128, (1, 4)))
     assert moe.aux_loss is None, "no aux loss outside training"
+
+
+def test_fused_gate_up_is_one_matmul_over_the_same_parameters() -> None:
+    """Under inference mode an MLP runs gate and up as one matmul over one buffer whose rows are the two
+    parameters: same output (fp32 rounding), same Parameter objects, and training afterwards still updates them."""
+    from r1forge.model.moe import MLP
+    from r1forge.model.moe_static import fused_gate_up
+
+    torch.manual_seed(0)
+    mlp = MLP(16, 8)
+    x = torch.randn(5, 16)
+    gate, up = mlp.gate_proj.weight, mlp.up_proj.weight
+    expected = mlp(x).detach()
+    with torch.inference_mode():
+        fused_out = mlp(x)
+    torch.testing.assert_close(fused_out, expected, rtol=1e-5, atol=1e-6)
+    assert mlp.gate_proj.weight is gate and mlp.up_proj.weight is up
+    fused = fused_gate_up(mlp.gate_proj, mlp.up_proj)
+    assert fused.data_ptr() == gate.data_ptr() and fused.shape == (16, 16)
+    torch.testing.assert_close(fused[8:], up.detach(), rtol=0, atol=0)
+    mlp(x).sum().backward()  # the training path still reaches both parameters
+    assert gate.grad is not None and up.grad is not None
+    torch.optim.SGD(mlp.parameters(), lr=0.1).step()
+    with torch.inference_mode():
+        torch.testing.assert_close(mlp(x), mlp.down_proj(torch.nn.functional.silu(x @ gate.t()) * (x @ up.t())), rtol=1e-5, atol=1e-6)
+    other = torch.nn.Linear(16, 8, bias=False).to(torch.float64)
+    assert fused_gate_up(mlp.gate_proj, other) is None  # differing dtypes cannot share one buffer
+
+
+def test_latent_mqa_on_the_cpu_equals_sdpa() -> None:
+    """The CPU's two-bmm latent attention (mask broadcast over heads) equals SDPA on the per-head mask."""
+    from r1forge.model.mla import latent_mqa
+
+    torch.manual_seed(0)
+    B, Q, H, C, R, S = 3, 2, 4, 8, 4, 7
+    q, latent = torch.randn(B, Q, H, C + R), torch.randn(B, S, C + R)
+    mask = torch.rand(B, Q, S) > 0.4
+    mask[..., 0] = True
+    heads_mask = mask[:, :, None].expand(-1, -1, H, -1).reshape(B, 1, Q * H, S)
+    kv = latent[:, None]
+    ref = torch.nn.functional.scaled_dot_product_attention(q.reshape(B, 1, Q * H, C + R), kv, kv[..., :C],
+                                                           attn_mask=heads_mask, scale=0.3).view(B, Q, H, C)
+    torch.testing.assert_close(latent_mqa(q, latent, mask, 0.3, C), ref, rtol=1e-5, atol=1e-6)

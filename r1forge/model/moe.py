@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1forge.config import ModelConfig
-from r1forge.model.moe_static import grouped_gemm_supported, stack_expert_weights
+from r1forge.model.moe_static import fused_gate_up, grouped_gemm_supported, stack_expert_weights
 
 
 class MLP(nn.Module):
@@ -32,6 +32,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the engine (eager): gate and up as one matmul over one fused weight; a compiled step traces the two
+        # Linears (moving parameters is not traceable) and leaves the fusing to the compiler
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+            gate_up = fused_gate_up(self.gate_proj, self.up_proj)
+            if gate_up is not None:
+                gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+                return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

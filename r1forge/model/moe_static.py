@@ -47,6 +47,28 @@ def stack_expert_weights(experts: nn.ModuleList) -> tuple[torch.Tensor, torch.Te
     return w13, w2
 
 
+def fused_gate_up(gate: nn.Linear, up: nn.Linear) -> torch.Tensor | None:
+    """One [2F, D] weight whose rows *are* `gate`'s then `up`'s (so gate and up run as one matmul), or None for
+    weights that cannot share one buffer (sharded DTensors, differing dtypes or devices).
+
+    Free when the two already lie end to end in one buffer (an expert after `stack_expert_weights`, or a second
+    call); otherwise both parameters are moved, once, into views of a new buffer, as `stack_expert_weights`
+    does (the same Parameter objects: optimizers and state_dict see no change).
+    """
+    g, u = gate.weight, up.weight
+    if type(g) is not nn.Parameter or type(u) is not nn.Parameter or g.dtype != u.dtype or g.device != u.device \
+            or g.shape[1:] != u.shape[1:] or not (g.is_contiguous() and u.is_contiguous()):
+        return None
+    rows = g.shape[0] + u.shape[0]
+    if g.untyped_storage().data_ptr() == u.untyped_storage().data_ptr() \
+            and u.data_ptr() == g.data_ptr() + g.numel() * g.element_size():
+        return g.detach().as_strided((rows, *g.shape[1:]), g.stride())
+    with torch.inference_mode(False), torch.no_grad():  # no inference tensors: a trainer may share the model
+        both = torch.cat([g, u])
+        g.data, u.data = both[: g.shape[0]], both[g.shape[0] :]
+    return both
+
+
 class GroupedGemmDispatch:
     """Sort the T*K token copies by expert; run all experts with one grouped GEMM per projection."""
 
