@@ -59,6 +59,11 @@ def _grpo(work: Path, sft: Path, steps: int, k: int, eval_problems: int) -> tupl
     from r1forge.rl.run import run_grpo
 
     out = work / f"grpo-k{k}"
+    done = out / "bench.json"
+    if done.exists():  # this bench's own cache: a finished run is not trained again
+        cached = json.loads(done.read_text())
+        if cached["steps"] == steps:
+            return cached["rows"], cached["accuracy"]
     cfg = stage_configs(work, {"grpo": [
         "--run_dir", str(out), "--model.init_from", str(sft), "--model.mtp", "true", "--grpo.steps", str(steps),
         "--grpo.rollout_speculative_tokens", str(k), "--log.eval_every", "0", "--log.eval_before", "false",
@@ -67,7 +72,43 @@ def _grpo(work: Path, sft: Path, steps: int, k: int, eval_problems: int) -> tupl
     result = run_grpo(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "reward_mean" in r]
-    return rows, result.after.accuracy if result.after is not None else math.nan
+    accuracy = result.after.accuracy if result.after is not None else math.nan
+    done.write_text(json.dumps({"steps": steps, "rows": rows, "accuracy": accuracy}))
+    return rows, accuracy
+
+
+def _sampled_rewards(sft: Path, k: int, count: int, work: Path) -> tuple[list[float], float]:
+    """The cold-started policy's rewards on `count` training prompts x G samples at the GRPO temperature, as
+    GRPO's rollouts draw them (`generate_rollouts`, the same seeds), with MTP drafts when k > 0: the per-prompt
+    mean reward, and the rollout tokens/s."""
+    import time
+
+    from r1forge import LLM
+    from r1forge.demo import stage_configs
+    from r1forge.rl.examples import train_and_held_out
+    from r1forge.rl.rewards.registry import combine_rewards
+    from r1forge.rl.rollout import generate_rollouts
+    from r1forge.rl.templates import render_prompt
+    from r1forge.train.checkpointing import resolve_model_dir
+
+    cfg = stage_configs(work)["grpo"]
+    train, _ = train_and_held_out(cfg.data, cfg.seed)
+    spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
+    llm = LLM(str(resolve_model_dir(sft)), device="cpu", max_num_seqs=cfg.grpo.prompts_per_step * cfg.grpo.num_generations,
+              speculative_config=spec)
+    reward_fn, G = combine_rewards(cfg.rewards), cfg.grpo.num_generations
+    per_prompt, tokens, seconds = [], 0, 0.0
+    step = cfg.grpo.prompts_per_step
+    for start in range(0, count, step):
+        examples = train[start : start + step]
+        rendered = [render_prompt(llm.tokenizer, ex["question"], cfg.grpo.template) for ex in examples]
+        t = time.perf_counter()
+        batch = generate_rollouts(llm, [ids for _, ids in rendered], [text for text, _ in rendered], examples,
+                                  reward_fn, G, cfg.grpo.max_completion_length, cfg.grpo.temperature, seed=start)
+        seconds += time.perf_counter() - t
+        tokens += int(batch.completion_mask.sum())
+        per_prompt += batch.rewards.view(-1, G).mean(dim=1).tolist()
+    return per_prompt, tokens / seconds
 
 
 def main() -> None:
@@ -79,11 +120,20 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=1, help="num_speculative_tokens of the speculative run")
     ap.add_argument("--block", type=int, default=10, help="steps per printed row")
     ap.add_argument("--eval-problems", type=int, default=300)
+    ap.add_argument("--sample-prompts", type=int, default=256, help="prompts of the no-training sampled-reward check")
     args = ap.parse_args()
     work = Path(args.work_dir)
     given = args.pretrained or (Path("runs/demo/pretrain") if (Path("runs/demo/pretrain") / "DONE.json").exists()
                                 else None)
     sft = _sft(work, _pretrained(work, given))
+    plain_r, plain_tps = _sampled_rewards(sft, 0, args.sample_prompts, work)
+    spec_r, spec_tps = _sampled_rewards(sft, args.k, args.sample_prompts, work)
+    diffs = [b - a for a, b in zip(plain_r, spec_r)]
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    print(f"\nsampled reward of the cold-started policy, no training ({len(diffs)} prompts x G, the GRPO temperature): "
+          f"plain {statistics.fmean(plain_r):.4f}, speculative {statistics.fmean(spec_r):.4f}; difference "
+          f"{statistics.fmean(diffs):+.4f} (paired SE over prompts {se:.4f}, {statistics.fmean(diffs) / se:+.1f} SE); "
+          f"rollout tokens/s {plain_tps:.1f} vs {spec_tps:.1f} ({spec_tps / plain_tps:.2f}x)")
     plain, plain_acc = _grpo(work, sft, args.steps, 0, args.eval_problems)
     spec, spec_acc = _grpo(work, sft, args.steps, args.k, args.eval_problems)
     n = min(len(plain), len(spec))

@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    ap.add_argument("--template", choices=["auto", "chat", "r1-zero"], default="auto",
+                    help="prompt template; auto: chat for a model whose name says sft, else r1-zero")
     ap.add_argument("--disable-by-batch-size", type=int, default=None,
                     help="speculative_config.disable_by_batch_size: plain decode in steps with more running sequences")
     args = ap.parse_args()
@@ -96,7 +98,7 @@ def main() -> None:
         specs = {k: LLM(directory, device="cpu", block_size=16,
                         speculative_config={"method": "mtp", "num_speculative_tokens": k,
                                             "disable_by_batch_size": args.disable_by_batch_size}) for k in args.k}
-        template = "chat" if "sft" in name else "r1-zero"
+        template = args.template if args.template != "auto" else "chat" if "sft" in name else "r1-zero"
         prompts = _prompts(plain, max(args.batch_sizes), template)
         print(f"\n== {name}: {directory} ({template} prompts)")
         print(f"{'batch':>5} {'T':>4} {'plain tok/s':>11} | " + " | ".join(

@@ -245,22 +245,24 @@ def test_batch_size_policy_falls_back_to_plain_decode(model):
 
 
 # ---------------------------------------------------------------------- sampled output distribution
-def test_sampled_tokens_follow_the_target_distribution():
-    """T = 1, k = 2: the joint distribution of completion tokens 2 and 3 (the ones speculation produces)
-    matches the target model's exact one, computed by enumerating tokens 1 and 2."""
+@pytest.mark.parametrize("temperature", [1.0, 0.7])  # 0.7: the demo's GRPO rollouts
+def test_sampled_tokens_follow_the_target_distribution(temperature):
+    """k = 2: the joint distribution of completion tokens 2 and 3 (the ones speculation produces) matches the
+    target model's exact one at the same temperature, computed by enumerating tokens 1 and 2."""
     V = 12
     model = _model(vocab=V, seed=3, std=0.15)
     prompt = [2, 5, 7, 3]
     with torch.no_grad():
-        p1 = model(torch.tensor([prompt]))[0, -1].softmax(-1)  # [V]
+        p1 = (model(torch.tensor([prompt]))[0, -1] / temperature).softmax(-1)  # [V]
         ctx2 = torch.tensor([prompt + [a] for a in range(V)])
-        p2 = model(ctx2)[:, -1].softmax(-1)  # [V(t1), V(t2)]
+        p2 = (model(ctx2)[:, -1] / temperature).softmax(-1)  # [V(t1), V(t2)]
         ctx3 = torch.tensor([prompt + [a, b] for a in range(V) for b in range(V)])
-        p3 = model(ctx3)[:, -1].softmax(-1).view(V, V, V)  # [t1, t2, t3]
+        p3 = (model(ctx3)[:, -1] / temperature).softmax(-1).view(V, V, V)  # [t1, t2, t3]
     joint23 = (p1[:, None, None] * p2[:, :, None] * p3).sum(0).flatten()  # [V * V]
     llm = LLM(model, block_size=16, max_num_seqs=512, speculative_config=_spec(2))
     counts = torch.zeros(V * V)
-    reqs = [SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True, n=200, seed=1000 * s) for s in range(12)]
+    reqs = [SamplingParams(temperature=temperature, max_tokens=3, ignore_eos=True, n=200, seed=1000 * s)
+            for s in range(12)]
     for out in llm.generate([prompt] * len(reqs), reqs):
         for c in out.outputs:
             counts[c.token_ids[1] * V + c.token_ids[2]] += 1
