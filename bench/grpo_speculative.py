@@ -53,12 +53,13 @@ def _sft(work: Path, pretrained: Path) -> Path:
     return out
 
 
-def _grpo(work: Path, sft: Path, steps: int, k: int, eval_problems: int) -> tuple[list[dict[str, Any]], float]:
+def _grpo(work: Path, sft: Path, steps: int, k: int, eval_problems: int,
+          seed: int = 0) -> tuple[list[dict[str, Any]], float]:
     """One GRPO run from `sft`; its per-step metrics and its greedy held-out accuracy after."""
     from r1forge.demo import stage_configs
     from r1forge.rl.run import run_grpo
 
-    out = work / f"grpo-k{k}"
+    out = work / (f"grpo-k{k}" + (f"-seed{seed}" if seed else ""))
     done = out / "bench.json"
     if done.exists():  # this bench's own cache: a finished run is not trained again
         cached = json.loads(done.read_text())
@@ -68,7 +69,7 @@ def _grpo(work: Path, sft: Path, steps: int, k: int, eval_problems: int) -> tupl
         "--run_dir", str(out), "--model.init_from", str(sft), "--model.mtp", "true", "--grpo.steps", str(steps),
         "--grpo.rollout_speculative_tokens", str(k), "--log.eval_every", "0", "--log.eval_before", "false",
         "--log.eval_problems", str(eval_problems), "--log.plots", "false", "--log.save_every", "0",
-        "--grpo.log_completions_every", "0"]})["grpo"]
+        "--grpo.log_completions_every", "0", "--grpo.seed", str(seed)]})["grpo"]
     result = run_grpo(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "reward_mean" in r]
@@ -136,6 +137,8 @@ def main() -> None:
           f"rollout tokens/s {plain_tps:.1f} vs {spec_tps:.1f} ({spec_tps / plain_tps:.2f}x)")
     plain, plain_acc = _grpo(work, sft, args.steps, 0, args.eval_problems)
     spec, spec_acc = _grpo(work, sft, args.steps, args.k, args.eval_problems)
+    # the yardstick for "within noise": the same plain run under another grpo.seed (prompt order and draws)
+    other, other_acc = _grpo(work, sft, args.steps, 0, args.eval_problems, seed=1)
     n = min(len(plain), len(spec))
 
     def mean(rows: list[dict[str, Any]], key: str) -> float:
@@ -158,6 +161,13 @@ def main() -> None:
           f"{statistics.fmean(diffs) / se if se else math.nan:+.1f} SE)")
     print(f"rollout tokens/s: plain {tp:.1f}, speculative {ts:.1f} ({ts / tp:.2f}x); greedy held-out accuracy after: "
           f"plain {plain_acc:.3f}, speculative {spec_acc:.3f} ({args.eval_problems} problems)")
+    m = min(n, len(other))
+    late = slice(m // 2, m)  # the second half, where runs have drifted apart
+    print(f"run-to-run noise: plain seed 1 mean reward {mean(other[:m], 'reward_mean'):.4f} "
+          f"(plain seed 0 minus seed 1: {mean(plain[:m], 'reward_mean') - mean(other[:m], 'reward_mean'):+.4f}; "
+          f"second half {mean(plain[late], 'reward_mean') - mean(other[late], 'reward_mean'):+.4f} against "
+          f"speculative minus plain {mean(spec[late], 'reward_mean') - mean(plain[late], 'reward_mean'):+.4f}); "
+          f"accuracy after {other_acc:.3f}")
 
 
 if __name__ == "__main__":
