@@ -112,18 +112,12 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rope[:, :, None, :].expand(-1, -1, self.num_heads, -1)], dim=-1)  # [B,S,H,Dn+R]
         q = torch.cat([q_nope, q_rope], dim=-1)  # [B,Q,H,Dn+R]
-        Dv = self.v_head_dim
-        if mask is None and Dv < self.qk_head_dim:
-            # SDPA's fused (flash) kernels want one head width for q, k and v; with Dv < Dn+R it falls back to
-            # the unfused math path. Zero columns on v change no output column (measured on the CPU: forward +
-            # backward of the tiny models' attention 31 -> 24 ms).
-            v = F.pad(v, (0, self.qk_head_dim - Dv))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=None if mask is None else mask[:, None],
             is_causal=mask is None, scale=self.softmax_scale,
-        )  # [B,H,Q,Dv] (or padded)
-        return out[..., :Dv].transpose(1, 2)
+        )  # [B,H,Q,Dv]
+        return out.transpose(1, 2)
 
     def absorbed_attention(
         self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None
