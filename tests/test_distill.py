@@ -154,6 +154,29 @@ def test_distilled_student_beats_the_untrained_student(mode: str, teacher_dir: P
         assert accuracy_reward("", record["messages"][1]["content"], answer=gold[record["messages"][0]["content"]]) == 1
 
 
+def test_given_evaluations_replace_the_runs_own(teacher_dir: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo hands in the teacher's and the student base's evaluations it already made: they are reported as
+    given and the run evaluates only the distilled student; a given evaluation of other problems is refused."""
+    import r1forge.distill.run as distill_run
+    from r1forge.rl.evaluate import EvalResult
+
+    calls = []
+    real = distill_run.evaluate_sharded
+    monkeypatch.setattr(distill_run, "evaluate_sharded", lambda *a, **k: calls.append(1) or real(*a, **k))
+    n = 100
+    teacher = EvalResult(0.37, 1.0, 5.0, n, ["x"] * n, [True] * 37 + [False] * 63)
+    before = EvalResult(0.01, 0.5, 9.0, n, ["y"] * n, [True] + [False] * 99)
+    config = _config(teacher_dir, tmp_path, "--mode", "sft", "--train.steps", "2")
+    result = run_distill(config, teacher_eval=teacher, student_before=before)
+    assert result.teacher is teacher and result.student_before is before and len(calls) == 1
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["teacher"]["accuracy"] == 0.37 and report["student_before"]["accuracy"] == 0.01
+    short = EvalResult(0.5, 1.0, 5.0, 10, ["x"] * 10, [True] * 5 + [False] * 5)
+    with pytest.raises(ValueError, match="teacher_eval: an evaluation of 10 problems.*holds out 100"):
+        run_distill(_config(teacher_dir, tmp_path / "again", "--mode", "sft"), teacher_eval=short)
+
+
 def test_distill_config_errors(teacher_dir: Path, tmp_path: Path) -> None:
     from r1forge.cli import main
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from r1forge.demo.evaluation import evaluate_checkpoint, evaluation_record
+from r1forge.demo.evaluation import as_eval_result, evaluate_checkpoint, evaluation_record
 from r1forge.demo.report import paired_gain
 from r1forge.demo.stages import StageCache
 
@@ -45,7 +45,10 @@ def run_distillation(cache: StageCache, configs: dict[str, Any], held_out: list[
         resolve_model_dir(out / "student-base"), held_out, max_tokens, "chat"))
 
     # trace sampling counts in the distillation arm's time (none when it distils on the dataset's solutions)
-    done = cache.train("distill", lambda resume: run_distill(configs["distill"], resume=resume), info=lambda r: {
+    # the teacher's and the student base's evaluations are the stages' above: not made a second time
+    done = cache.train("distill", lambda resume: run_distill(
+        configs["distill"], resume=resume, teacher_eval=as_eval_result(teacher_eval),
+        student_before=as_eval_result(base_eval)), info=lambda r: {
         "trace_seconds": r.report.get("trace_seconds") or 0.0,
         "train_seconds": r.report["train_seconds"], "after": evaluation_record(r.student_after)})
     distill_seconds = done["trace_seconds"] + done["train_seconds"]

@@ -6,7 +6,7 @@
 
 The steps (DeepSeek-R1 section 2.4, "Distillation"):
   1. load the teacher and its tokenizer; derive the student (dense by default, see student.py) or load it;
-  2. greedy held-out accuracy of the teacher and of the untrained student (the "before");
+  2. greedy held-out accuracy of the teacher and of the untrained student (the "before"; or the caller's own);
   3. sequences: the teacher's own traces, N per prompt, only the correct ones by default (rejection sampling,
      r1forge.rl.rejection; written to RUN_DIR/traces.jsonl), or a dataset's conversations (mode kl only);
   4. train the student with `r1forge.train.Trainer`: cross-entropy on the traces (mode sft) or forward KL to
@@ -146,8 +146,22 @@ def check_shared_vocabulary(teacher: torch.nn.Module, student: torch.nn.Module, 
                          "student on the teacher's tokenizer")
 
 
-def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
-    """Distil `cfg.teacher` into a student as `cfg` says (see the module docstring)."""
+def _given_evaluation(result: EvalResult | None, n_eval: int, key: str) -> EvalResult | None:
+    """A caller's own evaluation, used in place of one of this run's: it must cover these held-out problems."""
+    if result is not None and result.num_problems != n_eval:
+        raise ValueError(f"{key}: an evaluation of {result.num_problems} problems was given, but the run holds out "
+                         f"{n_eval} (data.synthetic_eval_problems)")
+    return result
+
+
+def run_distill(cfg: DistillRunConfig, resume: bool = False, *, teacher_eval: EvalResult | None = None,
+                student_before: EvalResult | None = None) -> DistillResult:
+    """Distil `cfg.teacher` into a student as `cfg` says (see the module docstring).
+
+    `teacher_eval` / `student_before`: greedy evaluations of the teacher and of the student's starting point on
+    this run's held-out problems that the caller already made (the demo evaluated both as stages of their own);
+    given, they go into the report instead of evaluating the same models on the same problems a second time.
+    """
     if cfg.teacher is None:
         raise ValueError("teacher: required (a checkpoint or run directory with a tokenizer)")
     mesh, start = start_parallel_run(cfg, cfg.parallel, resume, cfg.train.device, "train.device",
@@ -162,6 +176,8 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     train_examples, held_out = train_and_held_out(cfg.data, cfg.seed)
     data = cfg.data
     n_eval = len(held_out)
+    given_teacher = _given_evaluation(teacher_eval, n_eval, "teacher_eval")
+    given_before = _given_evaluation(student_before, n_eval, "student_before")
 
     def evaluate(llm: LLM, tok: Any) -> EvalResult:  # every rank its share of the held-out problems
         return evaluate_sharded(mesh, llm, tok, held_out, data.template, data.max_tokens)
@@ -174,7 +190,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     sampled = train_examples if data.sequences == "teacher" else []
     teacher_llm = sampling_engine(teacher, tokenizer, sampled + held_out, data.template, data.max_tokens,
                                   max(len(sampled) * data.samples_per_prompt, n_eval))
-    teacher_eval = evaluate(teacher_llm, tokenizer)
+    teacher_eval = given_teacher if given_teacher is not None else evaluate(teacher_llm, tokenizer)
     say(f"teacher: accuracy {teacher_eval.accuracy:.3f} +- {teacher_eval.stderr:.3f} on {n_eval} held-out problems")
 
     traces_path = run_dir / TRACES_FILE
@@ -202,7 +218,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     before: EvalResult | None = None
     before_path = run_dir / _BEFORE_FILE
     if checkpoint is None:
-        before = evaluate(student_llm, student_tokenizer)
+        before = given_before if given_before is not None else evaluate(student_llm, student_tokenizer)
         if main:
             write_json(before_path, {"student_before": before.to_dict(), "traces": trace_stats,
                                      "trace_seconds": trace_seconds})
