@@ -113,7 +113,7 @@ def test_the_demos_stages_are_the_shipped_configs(tmp_path: Path) -> None:
     assert (sft.train.steps, sft.train.warmup_steps, sft.log.eval_every, sft.log.eval_batches,
             sft.data.shown_steps_fraction) == (100, 10, 0, 5, 0.4)
     assert (grpo.grpo.steps, grpo.grpo.learning_rate, grpo.grpo.loss_type, grpo.grpo.temperature, grpo.rewards) == (
-        100, 5e-5, "dapo", 0.7, {"accuracy": 1.0, "format": 0.25})
+        50, 5e-5, "dapo", 0.7, {"accuracy": 1.0, "format": 0.25})
     assert (grpo.data.min_steps, grpo.data.max_steps, grpo.data.max_result) == (1, 4, 99)
 
 
