@@ -163,3 +163,34 @@ def test_attention_metadata_refuses_bad_lengths() -> None:
         AttentionMetadata.build([], [[0], [1]], [1, 2], [1, 3], 4, "cpu")
     with pytest.raises(ValueError, match="sequence 0: block table of 1 blocks cannot hold 5"):
         AttentionMetadata.build([], [[0]], [5], [1], 4, "cpu")
+
+
+@pytest.mark.parametrize("row_shape", [(), (6,), (2, 3, 4)])
+def test_rows_at_equals_advanced_indexing_bit_for_bit(row_shape: tuple[int, ...]) -> None:
+    """The cache and query gathers (`index_select` over the flattened index) give exactly `x[index]`, for the
+    engine's index shapes: [B, S] slots, [B, Q] queries, and a 1-D order; a non-contiguous source included."""
+    from r1forge.model.attention_metadata import rows_at
+
+    torch.manual_seed(0)
+    x = torch.randn(40, *row_shape, 2)[..., 0]  # a strided view, as q_nope is of q
+    for index in (torch.randint(0, 40, (5, 9)), torch.randint(0, 40, (3, 1)), torch.randperm(40)):
+        got = rows_at(x, index)
+        assert got.shape == (*index.shape, *row_shape)
+        assert torch.equal(got, x[index])
+
+
+def test_metadata_gathers_read_each_sequences_slots_and_queries() -> None:
+    """`gather_cached` reads each sequence's kv_slots (cached prefix + new tokens) and `gather_queries` its new
+    tokens, padding rows repeating token 0, as the attention layers index them."""
+    block_size, width = 4, 3
+    caches = [torch.randn(6, block_size, width)]
+    md = AttentionMetadata.build(caches, [[2, 5], [1]], context_lens=[6, 3], query_lens=[2, 3],
+                                 block_size=block_size, device="cpu")
+    flat = caches[0].view(-1, width)
+    cached = md.gather_cached(flat)
+    assert cached.shape == (2, 6, width)
+    assert torch.equal(cached[0], torch.cat([caches[0][2], caches[0][5, :2]]))  # blocks 2 then 5
+    assert torch.equal(cached[1, :3], caches[0][1, :3])
+    new_tokens = torch.arange(5.0)[:, None].expand(5, 7)  # sequence 0's two tokens, then sequence 1's three
+    queries = md.gather_queries(new_tokens)
+    assert queries[:, :, 0].tolist() == [[0.0, 1.0, 0.0], [2.0, 3.0, 4.0]]  # sequence 0 padded with token 0

@@ -392,3 +392,18 @@ def test_latent_mqa_on_the_cpu_equals_sdpa() -> None:
     ref = torch.nn.functional.scaled_dot_product_attention(q.reshape(B, 1, Q * H, C + R), kv, kv[..., :C],
                                                            attn_mask=heads_mask, scale=0.3).view(B, Q, H, C)
     torch.testing.assert_close(latent_mqa(q, latent, mask, 0.3, C), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_per_head_matmul_equals_the_einsum_it_replaced() -> None:
+    """Absorption's per-head products (W_UK into the query, W_UV after attention) equal the einsums they replaced
+    bit for bit, on strided per-head views of kv_b_proj's weight as absorbed_weights returns them."""
+    from r1forge.model.mla import per_head_matmul
+
+    torch.manual_seed(0)
+    B, Q, H, Dn, Dv, C = 3, 5, 4, 8, 6, 16
+    w = torch.randn(H, Dn + Dv, C)
+    w_uk, w_uv = w[:, :Dn], w[:, Dn:]
+    q_nope, o = torch.randn(B, Q, H, Dn), torch.randn(B, Q, H, C)
+    assert torch.equal(per_head_matmul(q_nope, w_uk), torch.einsum("bqhd,hdc->bqhc", q_nope, w_uk))
+    assert torch.equal(per_head_matmul(o, w_uv.transpose(1, 2)), torch.einsum("bqhc,hvc->bqhv", o, w_uv))
+    assert per_head_matmul(q_nope[:, 0], w_uk).shape == (B, H, C)  # any leading shape

@@ -74,11 +74,11 @@ class GroupedQueryAttention(nn.Module):
         # The layer's pool [blocks, block_size, 2, G, Dh] as one row per slot; new keys/values go in first.
         cache = metadata.kv_caches[self.layer_idx].view(-1, 2, self.num_kv_heads, self.head_dim)
         cache.index_copy_(0, metadata.slot_mapping, torch.stack([k, v], dim=1).to(cache.dtype))  # [N,2,G,Dh]
-        k_all, v_all = cache[metadata.kv_slots].to(x.dtype).unbind(2)  # [B,S,G,Dh] each
+        k_all, v_all = metadata.gather_cached(cache).to(x.dtype).unbind(2)  # [B,S,G,Dh] each
         if metadata.decode:  # token b is sequence b's only query: a view, no boolean gather (graph-safe)
             out = self.attention(q[:, None], k_all, v_all, metadata.attn_mask)  # [B,1,H,Dh]
             return self.o_proj(out[:, 0].flatten(-2))  # [N,D]
-        out = self.attention(q[metadata.query_index], k_all, v_all, metadata.attn_mask)  # [B,Q,H,Dh]
+        out = self.attention(metadata.gather_queries(q), k_all, v_all, metadata.attn_mask)  # [B,Q,H,Dh]
         return self.o_proj(out[metadata.query_valid].flatten(-2))  # [N,D]
 
 

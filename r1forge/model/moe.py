@@ -136,7 +136,7 @@ def run_sorted(experts: nn.Module, x_sorted: torch.Tensor, counts: list[int], fi
 def combine_copies(x_TD: torch.Tensor, out_sorted: torch.Tensor, order: torch.Tensor, token_of_copy: torch.Tensor,
                    topk_weights_TK: torch.Tensor) -> torch.Tensor:
     """y_t = sum over t's copies of g * E(x_t), summed in float32 -> [T, D] in x's dtype."""
-    weights = topk_weights_TK.reshape(-1)[order].unsqueeze(-1)  # [T*K, 1] float32
+    weights = topk_weights_TK.reshape(-1).index_select(0, order).unsqueeze(-1)  # [T*K, 1] float32
     y_TD = torch.zeros_like(x_TD, dtype=torch.float32)
     y_TD.index_add_(0, token_of_copy, out_sorted.float() * weights)
     return y_TD.to(x_TD.dtype)
@@ -151,7 +151,7 @@ class SortedDispatch:
     def __call__(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                  experts: nn.ModuleList) -> torch.Tensor:
         order, token_of_copy, counts = sort_copies(topk_ids_TK, len(experts))
-        out_sorted = run_sorted(experts, x_TD[token_of_copy], counts.tolist())  # [T*K, D]
+        out_sorted = run_sorted(experts, x_TD.index_select(0, token_of_copy), counts.tolist())  # [T*K, D]
         return combine_copies(x_TD, out_sorted, order, token_of_copy, topk_weights_TK)
 
 
@@ -236,7 +236,7 @@ class GroupedDispatch:
             return self.reference(x_TD, topk_ids_TK, topk_weights_TK, experts)
         order, token_of_copy, counts = sort_copies(topk_ids_TK, len(experts))
         offs = counts.cumsum(0, dtype=torch.int32)  # end of each expert's slice
-        x_sorted = x_TD[token_of_copy]  # [T*K, D]
+        x_sorted = x_TD.index_select(0, token_of_copy)  # [T*K, D]
         if torch.is_inference_mode_enabled():
             w13, w2 = stack_expert_weights(experts)
             gate, up = torch._grouped_mm(x_sorted, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)

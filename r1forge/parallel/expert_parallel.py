@@ -114,7 +114,8 @@ class AllToAllDispatch:
         recv_SE = recv_counts.view(ep, E_local)
         send_splits = counts_E.view(ep, E_local).sum(1).tolist()
         recv_splits = recv_SE.sum(1).tolist()
-        x_recv = all_to_all(x_TD[token_of_copy], recv_splits, send_splits, self.group)  # [N, D] by (source, expert)
+        x_recv = all_to_all(x_TD.index_select(0, token_of_copy), recv_splits, send_splits,
+                            self.group)  # [N, D] by (source, expert)
         expert_of_row = torch.arange(E_local, device=x_TD.device).repeat(ep).repeat_interleave(recv_SE.reshape(-1))
         by_expert = expert_of_row.argsort(stable=True)  # regroup by local expert, sources in rank order
         out_grouped = experts(x_recv[by_expert], recv_SE.sum(0).tolist())
