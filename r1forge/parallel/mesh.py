@@ -100,7 +100,11 @@ class ParallelMesh:
         return box[0]
 
     def close(self) -> None:
+        """Leave the process group at a normal end of the run. The barrier first: no rank tears its gloo group
+        down while another is still finishing its last collective (a clean-clone suite saw rank 0 abort,
+        "terminate called without an active exception", in the teardown after an expert-parallel run)."""
         if self.distributed and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
