@@ -118,7 +118,7 @@ class AllToAllDispatch:
                             self.group)  # [N, D] by (source, expert)
         expert_of_row = torch.arange(E_local, device=x_TD.device).repeat(ep).repeat_interleave(recv_SE.reshape(-1))
         by_expert = expert_of_row.argsort(stable=True)  # regroup by local expert, sources in rank order
-        out_grouped = experts(x_recv[by_expert], recv_SE.sum(0).tolist())
+        out_grouped = experts(x_recv.index_select(0, by_expert), recv_SE.sum(0).tolist())
         out_recv = out_grouped[by_expert.argsort()]  # back to (source, expert) order
         out_sorted = all_to_all(out_recv, send_splits, recv_splits, self.group)  # [T*K, D] in my sorted order
         return combine_copies(x_TD, out_sorted, order, token_of_copy, topk_weights_TK)
