@@ -1,8 +1,8 @@
 """The engine's per-step host work after issue 17 gives what it gave before.
 
-- The sampler's fast paths (no filter pass when top-k/top-p/min-p are off, noise drawn only for the rows that
-  sample, seeded rows from their own generators into one buffer): the same tokens and logprobs for the same
-  per-request seeds as `_reference_sample`, the sampler as it was.
+- The sampler's fast paths (no filter pass when top-k/top-p/min-p are off, one uniform per sampled row, seeded
+  rows from their own generators, one search over every row's cumulative sums): the same tokens and logprobs
+  for the same per-request seeds as `_reference_sample`, which filters every row and samples each alone.
 - `AttentionMetadata.build` with tensor ops over all sequences: the same tensors as `_reference_build`, the
   per-sequence loop it replaced.
 """
@@ -39,11 +39,11 @@ def _reference_sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[
         filtered = filter_logits(scaled, torch.tensor([p.top_k for p in params]),
                                  torch.tensor([p.top_p for p in params]), torch.tensor([p.min_p for p in params]))
         probs = filtered.softmax(dim=-1)
-        noise = torch.empty_like(probs).exponential_()
-        for i, s in enumerate(seqs):
-            if s.generator is not None and not params[i].greedy:
-                noise[i] = torch.empty(probs.shape[1]).exponential_(generator=s.generator)
-        tokens = torch.where(greedy_rows, tokens, (probs / noise).argmax(dim=-1))
+        for i, s in enumerate(seqs):  # row by row: inverse transform sampling with the row's own generator
+            if not params[i].greedy:
+                u = float(torch.rand(1, generator=s.generator, dtype=torch.float64))
+                cdf = probs[i].double().cumsum(0)
+                tokens[i] = int((cdf <= u * float(cdf[-1])).sum())
     return tokens.tolist(), logprobs_all.gather(1, tokens[:, None]).squeeze(1).tolist()
 
 
@@ -107,6 +107,23 @@ def test_unseeded_rows_still_follow_the_distribution() -> None:
         assert result.token_ids[0] == 0
         counts[result.token_ids[2]] += 1
     assert torch.allclose(counts / counts.sum(), logits[0].softmax(-1), atol=0.03)
+
+
+def test_draw_tokens_follows_each_rows_distribution_and_never_picks_a_filtered_token() -> None:
+    """Seeded and unseeded rows of one batch, one with zeros (a filtered vocabulary) and one unnormalised: the
+    frequencies match each row's normalised probabilities, and no zero-probability token is ever drawn."""
+    from r1forge.engine.sampler import draw_tokens
+
+    probs = torch.tensor([[0.5, 0.25, 0.125, 0.125, 0.0],
+                          [0.0, 0.0, 0.7, 0.0, 0.3],
+                          [2.0, 0.0, 1.0, 1.0, 0.0]])  # the last sums to 4 (a residual p - q need not sum to 1)
+    gens = [torch.Generator().manual_seed(11), None, torch.Generator().manual_seed(12)]
+    torch.manual_seed(0)
+    counts = torch.zeros(3, 5)
+    for _ in range(6000):
+        counts[torch.arange(3), draw_tokens(probs, gens)] += 1
+    assert (counts[probs == 0] == 0).all()
+    torch.testing.assert_close(counts / 6000, probs / probs.sum(-1, keepdim=True), atol=0.02, rtol=0)
 
 
 def _reference_build(block_tables: list[list[int]], context_lens: list[int], query_lens: list[int],

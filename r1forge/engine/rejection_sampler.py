@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import torch
 
+from r1forge.engine.sampler import draw_tokens
+
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One token from probs [V] (need not be normalised): argmax p / E with E ~ Exp(1), as the sampler does."""
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    return int((probs / noise).argmax())
+    """One token from probs [V] (need not be normalised), drawn as the sampler draws: one uniform from the
+    request's generator, then the inverse of the cumulative distribution."""
+    return int(draw_tokens(probs[None], [generator])[0])
 
 
 def greedy_accept(draft_token_ids: list[int], target_argmax: list[int]) -> list[int]:

@@ -56,6 +56,35 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
 
 
+def draw_tokens(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of probs [S, V] (rows need not be normalised) -> [S] ids, by inverse transform
+    sampling: the first token whose cumulative probability exceeds u * (row total), u ~ U[0, 1).
+
+    Each row needs one random number, not one per vocabulary entry: a seeded request draws its u from its own
+    generator (the same stream whatever else is in the batch), the unseeded rows draw theirs from the global
+    generator in one call, and the search over the cumulative sums runs for all rows at once. The exponential
+    race it replaced (argmax p / E, one Exp(1) per token) drew a vocabulary's worth of noise per seeded row and
+    step: 25% of a GRPO rollout step of 128 rows at a 4,096-token vocabulary. The sums run in float64 (and u has
+    53 bits), so a token keeps its probability however far down a long vocabulary it sits; a zero-probability
+    token (filtered out) is never chosen, since its cumulative sum equals its predecessor's.
+    """
+    S, V = probs.shape
+    seeded = [j for j, g in enumerate(generators) if g is not None]
+    unseeded = [j for j, g in enumerate(generators) if g is None]
+    draws = [torch.rand(1, generator=generators[j], dtype=torch.float64, device=probs.device) for j in seeded]
+    if not unseeded:
+        u = torch.cat(draws)
+    elif not seeded:
+        u = torch.rand(S, dtype=torch.float64, device=probs.device)  # the global generator, one call
+    else:
+        u = torch.empty(S, dtype=torch.float64, device=probs.device)
+        u[seeded] = torch.cat(draws)
+        u[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, device=probs.device)
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # [S, V]
+    target = (u * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=V - 1)
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
     """logits [B, V] float32 -> one token per row."""
     logits = logits.float()
@@ -90,22 +119,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
             else:
                 rows = rows.clone() if rows is scaled else rows
                 rows[filtered] = kept
-        probs = rows.softmax(dim=-1)
-        # Exponential race (Gumbel-max in disguise): argmax p / E with E ~ Exp(1) samples from p. A seeded request
-        # draws its row from its own generator (the same stream whatever else is in the batch); the unseeded rows
-        # draw from the global generator, all in one call.
-        noise = torch.empty_like(probs)
-        unseeded = []
-        for j, i in enumerate(drawn):
-            if seqs[i].generator is not None:
-                noise[j].exponential_(generator=seqs[i].generator)
-            else:
-                unseeded.append(j)
-        if len(unseeded) == len(drawn):
-            noise.exponential_()
-        elif unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
-        sampled = (probs / noise).argmax(dim=-1)
+        sampled = draw_tokens(rows.softmax(dim=-1), [seqs[i].generator for i in drawn])
         if len(drawn) == len(seqs):
             tokens = sampled
         else:

@@ -37,6 +37,26 @@ def per_head_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out.transpose(0, 1).reshape(*lead, H, w.shape[-1])
 
 
+def attention_with_narrower_value(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                                  scale: float) -> torch.Tensor:
+    """SDPA for q, k [B,H,Q|S,Dq] and v [B,H,S,Dv] with Dv < Dq (MLA: Dq = Dn + R, Dv = Dn), mask [B,1,Q,S] (bool)
+    or None (causal) -> [B,H,Q,Dv].
+
+    On the CPU, v is zero-padded to Dq and the output cut back to Dv: the same numbers (a zero column adds
+    nothing), but with equal widths SDPA runs its fused flash kernel instead of the math path (bmm, a
+    materialised [Q, S] softmax, and the same again in the backward). Measured at one thread, 16 x 128
+    tokens, 8 heads, Dq 48 / Dv 32: forward + backward 61 -> 54 ms, a masked prefill's forward 38 -> 10 ms
+    (the math path's backward dominates less the wider the heads). GPUs keep SDPA's own choice, whose
+    memory-efficient kernel takes unequal widths.
+    """
+    Dq, Dv = q.shape[-1], v.shape[-1]
+    if q.device.type == "cpu" and Dv < Dq:
+        out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, Dq - Dv)), attn_mask=mask, is_causal=mask is None,
+                                             scale=scale)
+        return out[..., :Dv]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+
+
 def latent_mqa(q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor, scale: float, value_dim: int) -> torch.Tensor:
     """Multi-query attention over the latent: every head of q [B,Q,H,C+R] attends the one key latent [B,S,C+R]
     with the value latent[..., :value_dim], where mask [B,Q,S] (bool) allows -> [B,Q,H,value_dim].
@@ -122,10 +142,9 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rope[:, :, None, :].expand(-1, -1, self.num_heads, -1)], dim=-1)  # [B,S,H,Dn+R]
         q = torch.cat([q_nope, q_rope], dim=-1)  # [B,Q,H,Dn+R]
-        out = F.scaled_dot_product_attention(
+        out = attention_with_narrower_value(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=None if mask is None else mask[:, None],
-            is_causal=mask is None, scale=self.softmax_scale,
+            None if mask is None else mask[:, None], self.softmax_scale,
         )  # [B,H,Q,Dv]
         return out.transpose(1, 2)
 

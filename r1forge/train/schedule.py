@@ -36,11 +36,16 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1
     """AdamW with decay on matrices only: norms' gains and other vectors are not pulled towards zero.
 
     Buffers (the MoE correction bias) are not parameters, so the optimizer never touches them.
+
+    Fused (one kernel over every tensor of a group) wherever all parameters sit on the CPU or a GPU: on the CPU
+    the for-loop AdamW runs about ten small ops per tensor, and a model's many expert and norm tensors made it
+    17.9 ms a step for `tiny-demo`'s 126 tensors, 4.8 ms fused (one thread). Fused and for-loop AdamW agree to
+    rounding (~1e-8), not bit for bit.
     """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in decay + no_decay) and bool(decay + no_decay)
+    fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay) and bool(decay + no_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
