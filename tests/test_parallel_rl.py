@@ -55,8 +55,9 @@ def test_grpo_data_parallel_equals_one_process(tokenizer_dir: Path, tmp_path: Pa
     4e-7 of each tensor's largest entry, measured); every step's completions and rewards are the same. Weights
     and later losses differ by float rounding only (summation order), which Adam amplifies: it divides every
     gradient component by its own magnitude, and the on-policy GRPO gradient cancels within each group, so
-    components at noise level still move by up to lr (3e-2). Measured: step-1 weights within 9e-5, losses
-    within 2.4e-5 relative over the 6 steps."""
+    components at noise level still move by up to lr (2e-2; at 3e-2 the run's KL to the reference grew to 1.7 by
+    step 6, and the k3 estimator's exp(log-ratio) turned that rounding into a 3% loss difference). Measured at
+    2e-2: losses within 6.3e-5 relative over the 6 steps, KL within 1e-5."""
     from r1forge.rl.trainer import GRPOTrainer
 
     grpo_run = _worker("grpo_run")
@@ -99,7 +100,7 @@ def test_grpo_data_parallel_equals_one_process(tokenizer_dir: Path, tmp_path: Pa
         assert (ours_grad[key] - value).abs().max() <= 1e-5 * value.abs().max(), key
     first = load_file(tmp_path / "single" / "checkpoints" / "step-00000001" / "model.safetensors")
     for key, value in load_file(tmp_path / "dp2" / "checkpoints" / "step-00000001" / "model.safetensors").items():
-        torch.testing.assert_close(value, first[key], rtol=0, atol=3e-4, msg=key)  # 1% of lr: see the docstring
+        torch.testing.assert_close(value, first[key], rtol=0, atol=3e-4, msg=key)  # 1.5% of lr: see the docstring
     # every step: the same completions and rewards, the global batch's loss and gradient norm
     ours, reference = step_records(tmp_path / "dp2"), step_records(tmp_path / "single")
     assert [r["step"] for r in ours] == [r["step"] for r in reference] == list(range(1, GRPO_STEPS + 1))
@@ -112,7 +113,7 @@ def test_grpo_data_parallel_equals_one_process(tokenizer_dir: Path, tmp_path: Pa
         assert a["weight_sync_s"] < 0.05  # the engine reads the replica it wraps: only the prefix cache is reset
     # the reward is learnt: the digit share of the completions rises within the 6 steps
     rewards = [r["reward_mean"] for r in ours]
-    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.05, rewards  # measured: 0.014 -> 0.099
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.05, rewards  # measured: 0.026 -> 0.093
     evals = [r for r in read_metrics(tmp_path / "dp2") if r.get("event") == "eval"]
     single_evals = [r for r in read_metrics(tmp_path / "single") if r.get("event") == "eval"]
     assert [e["eval/accuracy"] for e in evals] == [e["eval/accuracy"] for e in single_evals]
