@@ -394,6 +394,34 @@ def test_latent_mqa_on_the_cpu_equals_sdpa() -> None:
     torch.testing.assert_close(latent_mqa(q, latent, mask, 0.3, C), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_with_narrower_value_equals_plain_sdpa_with_gradients(masked: bool) -> None:
+    """MLA's training / prefill attention with v zero-padded to the key width (SDPA's flash kernel on the CPU)
+    against SDPA on the unpadded v (its math path): the same output and the same q, k, v gradients to float
+    rounding, causal and with a padding mask, and the fused kernel really is the one that runs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from r1forge.model.mla import attention_with_narrower_value
+
+    torch.manual_seed(0)
+    B, H, T, Dq, Dv = 3, 4, 10, 12, 8
+    q, k, v = (torch.randn(B, H, T, d, requires_grad=True) for d in (Dq, Dq, Dv))
+    mask = torch.ones(B, 1, T, T, dtype=torch.bool).tril() if masked else None
+    if masked:
+        mask[1, :, :, :3] = False  # a left-padded row: its first keys are not attended
+        mask[1, :, :3, 0] = True  # (the padded queries keep one key, as the engine's masks do)
+    grad = torch.randn(B, H, T, Dv)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # would raise if the padded call fell back to the math path
+        out = attention_with_narrower_value(q, k, v, mask, 0.3)
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=0.3)
+    theirs = torch.autograd.grad(ref, (q, k, v), grad)
+    assert out.shape == (B, H, T, Dv)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_per_head_matmul_equals_the_einsum_it_replaced() -> None:
     """Absorption's per-head products (W_UK into the query, W_UV after attention) equal the einsums they replaced
     bit for bit, on strided per-head views of kv_b_proj's weight as absorbed_weights returns them."""
