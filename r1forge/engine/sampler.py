@@ -71,15 +71,11 @@ def draw_tokens(probs: torch.Tensor, generators: list[torch.Generator | None]) -
     S, V = probs.shape
     seeded = [j for j, g in enumerate(generators) if g is not None]
     unseeded = [j for j, g in enumerate(generators) if g is None]
-    draws = [torch.rand(1, generator=generators[j], dtype=torch.float64, device=probs.device) for j in seeded]
-    if not unseeded:
-        u = torch.cat(draws)
-    elif not seeded:
-        u = torch.rand(S, dtype=torch.float64, device=probs.device)  # the global generator, one call
-    else:
-        u = torch.empty(S, dtype=torch.float64, device=probs.device)
-        u[seeded] = torch.cat(draws)
-        u[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, device=probs.device)
+    u = torch.empty(S, dtype=torch.float64, device=probs.device)
+    if seeded:
+        u[seeded] = torch.cat([torch.rand(1, generator=generators[j], dtype=u.dtype, device=u.device) for j in seeded])
+    if unseeded:
+        u[unseeded] = torch.rand(len(unseeded), dtype=u.dtype, device=u.device)  # the global generator, one call
     cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # [S, V]
     target = (u * cdf[:, -1])[:, None]
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=V - 1)

@@ -51,10 +51,8 @@ def attention_with_narrower_value(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     """
     Dq, Dv = q.shape[-1], v.shape[-1]
     if q.device.type == "cpu" and Dv < Dq:
-        out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, Dq - Dv)), attn_mask=mask, is_causal=mask is None,
-                                             scale=scale)
-        return out[..., :Dv]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+        v = F.pad(v, (0, Dq - Dv))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)[..., :Dv]
 
 
 def latent_mqa(q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor, scale: float, value_dim: int) -> torch.Tensor:
